@@ -1,0 +1,250 @@
+"""Usage rows: a durable hand-off on the request path, bulk writes off it.
+
+`record(row)` appends one JSON line to this process's spool segment: one `write()`
+to a file opened with O_APPEND, microseconds, and the line survives the process
+being killed right after (it is in the kernel's page cache). A flusher task moves
+closed segments into the database with `bulk_create(ignore_conflicts=True)` keyed
+on the row's id, so replaying a segment after a crash never doubles a row. While
+the database is down the segments wait on disk and are retried with backoff.
+
+Each live segment is held with an exclusive `flock`; a segment nobody holds
+belongs to a process that died, and any flusher adopts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections
+
+from usage.models import UsageRow
+
+logger = logging.getLogger(__name__)
+
+LIVE_SUFFIX = ".jsonl"
+READY_SUFFIX = ".ready"
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"cannot spool {type(value).__name__}")
+
+
+class Spool:
+    """This process's spool directory and live segment."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._pending = 0
+        self._pid = os.getpid()
+
+    def append(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row, default=_encode, separators=(",", ":")) + "\n"
+        if self._fd is None or self._pid != os.getpid():
+            self._open_segment()
+        assert self._fd is not None
+        os.write(self._fd, line.encode())
+        self._pending += 1
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def seal(self) -> None:
+        """Close the live segment so a flush can take it; the next row opens another."""
+        if self._fd is None or self._path is None or not self._pending:
+            return
+        ready = self._path.with_suffix(READY_SUFFIX)
+        os.rename(self._path, ready)
+        os.close(self._fd)  # Releases the flock too.
+        self._fd, self._path, self._pending = None, None, 0
+
+    def _open_segment(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._pid = os.getpid()
+        name = f"{socket.gethostname()}-{self._pid}-{time.time_ns()}{LIVE_SUFFIX}"
+        self._path = self.directory / name
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._pending = 0
+
+    def adopt_orphans(self) -> int:
+        """Mark live segments of dead processes ready; returns how many."""
+        adopted = 0
+        if not self.directory.exists():
+            return 0
+        for path in self.directory.glob(f"*{LIVE_SUFFIX}"):
+            if path == self._path:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # Its writer is alive.
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(path, path.with_suffix(READY_SUFFIX))
+                    adopted += 1
+            finally:
+                os.close(fd)
+        return adopted
+
+    def ready_segments(self) -> list[Path]:
+        if not self.directory.exists():
+            return []
+        return sorted(self.directory.glob(f"*{READY_SUFFIX}"))
+
+
+def _rows_of(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open() as lines:
+        for line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except ValueError:
+                # A line cut short by a crash mid-write: nothing of it was accepted.
+                logger.error(
+                    "unreadable usage spool line skipped", extra={"file": path.name}
+                )
+
+
+def _usage_row(data: dict[str, Any]) -> UsageRow:
+    data = dict(data)
+    if data.get("cost_usd") is not None:
+        data["cost_usd"] = Decimal(data["cost_usd"])
+    data["created_at"] = datetime.fromisoformat(data["created_at"])
+    return UsageRow(**data)
+
+
+def write_segment(path: Path, batch_size: int) -> int:
+    """Insert a ready segment's rows (sync; the database must be reachable)."""
+    written = 0
+    batch: list[UsageRow] = []
+    for data in _rows_of(path):
+        batch.append(_usage_row(data))
+        if len(batch) >= batch_size:
+            UsageRow.objects.bulk_create(batch, ignore_conflicts=True)
+            written, batch = written + len(batch), []
+    if batch:
+        UsageRow.objects.bulk_create(batch, ignore_conflicts=True)
+        written += len(batch)
+    path.unlink()
+    return written
+
+
+def flush_ready(spool: Spool) -> int:
+    """Write every ready segment (and orphans) to the database; sync."""
+    close_old_connections()
+    spool.adopt_orphans()
+    written = 0
+    for path in spool.ready_segments():
+        try:
+            written += write_segment(path, settings.GATEWAY_USAGE_BATCH_SIZE)
+        except FileNotFoundError:
+            continue  # Another flusher took it.
+    return written
+
+
+class Recorder:
+    """The process-wide recorder: `record()` on the hot path, `run()` as a task."""
+
+    def __init__(self) -> None:
+        self._spool: Spool | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+
+    @property
+    def spool(self) -> Spool:
+        if self._spool is None:
+            self._spool = Spool(Path(settings.GATEWAY_USAGE_SPOOL_DIR))
+        return self._spool
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.spool.append(row)
+        self._ensure_flusher()
+        if (
+            self._wake is not None
+            and self.spool.pending >= settings.GATEWAY_USAGE_BATCH_SIZE
+        ):
+            self._wake.set()
+
+    def _ensure_flusher(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._task is not None and not self._task.done() and self._loop is loop:
+            return
+        self._loop, self._wake = loop, asyncio.Event()
+        self._task = loop.create_task(self._run(), name="gateway-usage-flusher")
+
+    async def _run(self) -> None:
+        backoff = settings.GATEWAY_USAGE_FLUSH_INTERVAL_S
+        assert self._wake is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=backoff)
+            self._wake.clear()
+            try:
+                await self.flush()
+                backoff = settings.GATEWAY_USAGE_FLUSH_INTERVAL_S
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                backoff = min(backoff * 2, 30.0)
+                logger.warning(
+                    "usage rows wait in the spool: database unavailable",
+                    extra={"retry_in_s": backoff},
+                    exc_info=True,
+                )
+
+    async def flush(self) -> int:
+        self.spool.seal()
+        if not self.spool.ready_segments():
+            return 0
+        return await asyncio.to_thread(flush_ready, self.spool)
+
+    def flush_sync(self) -> int:
+        self.spool.seal()
+        return flush_ready(self.spool)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+                await self._task
+            self._task = None
+        try:
+            await self.flush()
+        except Exception:
+            logger.warning("usage rows left in the spool at shutdown", exc_info=True)
+
+
+recorder = Recorder()
