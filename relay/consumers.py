@@ -61,6 +61,7 @@ class RelayConsumer(AsyncHttpConsumer):
         self.call = Call(endpoint=self.endpoint, request_id=_request_id(scope))
         self.catalog: Catalog | None = None
         watcher: asyncio.Task[None] | None = None
+        snapshot.ensure_polling()
         try:
             try:
                 self.call.key = await self.authenticate()

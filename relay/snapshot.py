@@ -79,6 +79,10 @@ class Snapshot:
         self._keys.clear()
         self._catalog, self.generation = None, None
 
+    def ensure_polling(self) -> None:
+        """Start the poller in this event loop if it is not running (cheap to repeat)."""
+        self._ensure_poller()
+
     def _ensure_poller(self) -> None:
         loop = asyncio.get_running_loop()
         if self._poller is not None and not self._poller.done() and self._loop is loop:
