@@ -125,8 +125,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 20,
     }
-    # A file, not :memory:, so servers started by the tests share the test database.
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "test_db.sqlite3")}
+    # A file, not :memory:, so servers started by the tests share the test database;
+    # one per test run, so parallel runs on one checkout don't clobber each other.
+    DATABASES["default"]["TEST"] = {
+        "NAME": str(BASE_DIR / f"test_db_{os.getpid()}.sqlite3")
+    }
 else:
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 
@@ -165,6 +168,7 @@ CELERY_RESULT_BACKEND = None
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     "rollup-recent-days": {"task": "usage.tasks.rollup_recent_days", "schedule": 300.0},
+    "flush-orphaned-usage": {"task": "usage.tasks.flush_usage", "schedule": 60.0},
 }
 
 # --- Auth, i18n, static ---------------------------------------------------------------

@@ -85,13 +85,19 @@ def redis_url() -> str:
 
 
 @pytest.fixture(scope="session")
+def worker_spool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The worker's own spool, so no web process adopts what a test leaves there."""
+    return tmp_path_factory.mktemp("worker-spool")
+
+
+@pytest.fixture(scope="session")
 def celery_worker_process(
-    django_db_setup: None, django_db_blocker: Any, spool_dir: Path
+    django_db_setup: None, django_db_blocker: Any, worker_spool_dir: Path
 ) -> Iterator[ServerProcess]:
     """A real Celery worker on the broker, using the test database."""
     broker = services.require("A Celery broker", settings.CELERY_BROKER_URL, 6379)
     with django_db_blocker.unblock():
-        env = server_env(spool_dir, CELERY_BROKER_URL=broker)
+        env = server_env(worker_spool_dir, CELERY_BROKER_URL=broker)
     argv = [sys.executable, "-m", "celery", "-A", "gateway_project", "worker"]
     argv += ["-l", "info", "--pool", "solo", "--without-heartbeat", "--without-gossip"]
     argv += ["--without-mingle", "-Q", "celery"]

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 LIVE_SUFFIX = ".jsonl"
 READY_SUFFIX = ".ready"
+# How often an idle flusher looks for segments that dead processes left behind.
+ORPHAN_CHECK_INTERVAL_S = 30.0
 
 
 def _encode(value: Any) -> Any:
@@ -179,6 +181,7 @@ class Recorder:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self._orphans_checked = float("-inf")
 
     @property
     def spool(self) -> Spool:
@@ -227,8 +230,13 @@ class Recorder:
 
     async def flush(self) -> int:
         self.spool.seal()
+        now = time.monotonic()
         if not self.spool.ready_segments():
-            return 0
+            if now - self._orphans_checked < ORPHAN_CHECK_INTERVAL_S:
+                return 0
+            self._orphans_checked = now
+            if not await asyncio.to_thread(self.spool.adopt_orphans):
+                return 0
         return await asyncio.to_thread(flush_ready, self.spool)
 
     def flush_sync(self) -> int:
