@@ -9,6 +9,7 @@ limits, eager Celery. Each variable appears once, next to its default, and again
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -195,8 +196,10 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
-# Without collectstatic (the embedded default), serve straight from the apps' folders.
+# Without collectstatic (the embedded default), serve straight from the apps' folders;
+# whitenoise's warning that STATIC_ROOT is missing is then expected.
 WHITENOISE_USE_FINDERS = True
+warnings.filterwarnings("ignore", message="No directory at", module="whitenoise.base")
 
 # --- Security (production sets DJANGO_HTTPS=true behind TLS) ---------------------------
 
