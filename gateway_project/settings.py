@@ -25,7 +25,7 @@ def env_str(name: str, default: str = "") -> str:
     file_name = os.getenv(f"{name}_FILE")
     if file_name:
         return Path(file_name).read_text().strip()
-    return os.getenv(name, default)
+    return os.getenv(name) or default
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -53,7 +53,7 @@ def env_float(name: str, default: float) -> float:
 
 def env_list(name: str, default: str) -> list[str]:
     return [
-        item.strip() for item in os.getenv(name, default).split(",") if item.strip()
+        item.strip() for item in (os.getenv(name) or default).split(",") if item.strip()
     ]
 
 
@@ -115,7 +115,7 @@ TEMPLATES = [
 
 # --- Database ----------------------------------------------------------------------
 
-DATABASE_URL = os.getenv("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["CONN_MAX_AGE"] = 0
@@ -235,7 +235,7 @@ SPECTACULAR_SETTINGS = {
 
 # --- Logging: JSON lines on standard output ------------------------------------------------
 
-LOG_LEVEL = os.getenv("GATEWAY_LOG_LEVEL", "INFO")
+LOG_LEVEL = env_str("GATEWAY_LOG_LEVEL", "INFO")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -262,7 +262,7 @@ LOGGING = {
 # --- The gateway's own knobs ------------------------------------------------------------------
 
 # Time zone of billing days and months.
-GATEWAY_BILLING_TZ = os.getenv("GATEWAY_BILLING_TZ", "UTC")
+GATEWAY_BILLING_TZ = env_str("GATEWAY_BILLING_TZ", "UTC")
 # Keyed hash of API key secrets. Changing it invalidates every issued key.
 GATEWAY_KEY_HASH_SECRET = env_str("GATEWAY_KEY_HASH_SECRET", SECRET_KEY)
 # Fernet key (urlsafe base64, 32 bytes) encrypting provider keys at rest; derived
@@ -274,7 +274,7 @@ GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)
 GATEWAY_SNAPSHOT_POLL_S = env_float("GATEWAY_SNAPSHOT_POLL_S", 0.25)
 # Where finished requests' usage rows wait until the database has them.
 GATEWAY_USAGE_SPOOL_DIR = Path(
-    os.getenv("GATEWAY_USAGE_SPOOL_DIR", str(BASE_DIR / "var" / "usage-spool"))
+    env_str("GATEWAY_USAGE_SPOOL_DIR", str(BASE_DIR / "var" / "usage-spool"))
 )
 GATEWAY_USAGE_FLUSH_INTERVAL_S = env_float("GATEWAY_USAGE_FLUSH_INTERVAL_S", 0.2)
 GATEWAY_USAGE_BATCH_SIZE = env_int("GATEWAY_USAGE_BATCH_SIZE", 500)
@@ -284,5 +284,3 @@ GATEWAY_DISCONNECT_GRACE_S = env_float("GATEWAY_DISCONNECT_GRACE_S", 5.0)
 GATEWAY_UPSTREAM_RETRIES = env_int("GATEWAY_UPSTREAM_RETRIES", 2)
 GATEWAY_UPSTREAM_RETRY_BACKOFF_S = env_float("GATEWAY_UPSTREAM_RETRY_BACKOFF_S", 0.1)
 GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1000)
-# Demo provider that `make run` points at the fake upstream.
-GATEWAY_DEMO_UPSTREAM_URL = os.getenv("GATEWAY_DEMO_UPSTREAM_URL", "")
