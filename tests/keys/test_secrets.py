@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 from keys.secrets import hash_secret, make_secret, parse_prefix, verify_secret
 
 SPEC_FORMAT = re.compile(r"^sk-gw-[A-Za-z0-9]{8}-[A-Za-z0-9_-]{32,}$")
+# The SPEC sets no upper bound; the gateway refuses random parts over 200 characters
+# (it issues 43), so that a client cannot make it hash megabytes.
+ACCEPTED = re.compile(r"sk-gw-[A-Za-z0-9]{8}-[A-Za-z0-9_-]{32,200}")
 ALNUM = string.ascii_letters + string.digits
 prefixes = st.text(alphabet=ALNUM, min_size=8, max_size=8)
 tails = st.text(alphabet=ALNUM + "_-", min_size=32, max_size=200)
@@ -56,8 +59,27 @@ def test_parse_prefix_never_raises_and_accepts_only_the_format(text):
     prefix = parse_prefix(text)
 
     if prefix is not None:
-        assert SPEC_FORMAT.fullmatch(text)
+        assert SPEC_FORMAT.fullmatch(text) and ACCEPTED.fullmatch(text)
         assert text.startswith(f"sk-gw-{prefix}-")
+
+
+@given(
+    core=st.builds(lambda p, t: f"sk-gw-{p}-{t}", prefixes, tails),
+    before=st.text(),
+    after=st.text(),
+)
+def test_text_around_a_secret_makes_it_malformed(core, before, after):
+    text = before + core + after
+
+    prefix = parse_prefix(text)
+
+    assert (prefix is not None) == bool(ACCEPTED.fullmatch(text))
+
+
+def test_a_secret_followed_by_a_newline_has_no_prefix():
+    value = make_secret().value + "\n"
+
+    assert parse_prefix(value) is None
 
 
 def test_malformed_secrets_have_no_prefix():
@@ -74,7 +96,6 @@ def test_malformed_secrets_have_no_prefix():
         "Bearer " + good,
         " " + good,
         good + " ",
-        good + "\n",  # `$` would let a trailing newline through
     ]
 
     parsed = {value: parse_prefix(value) for value in malformed}
