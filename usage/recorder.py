@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connection, transaction
+from django.db.models import Field
 
 from usage.models import UsageRow
 
@@ -136,25 +137,64 @@ def _rows_of(path: Path) -> Iterator[dict[str, Any]]:
                 )
 
 
-def _usage_row(data: dict[str, Any]) -> UsageRow:
-    data = dict(data)
-    if data.get("cost_usd") is not None:
-        data["cost_usd"] = Decimal(data["cost_usd"])
-    data["created_at"] = datetime.fromisoformat(data["created_at"])
-    return UsageRow(**data)
+def _python_value(field: Field[Any, Any], data: dict[str, Any]) -> Any:
+    value = data.get(field.attname, field.get_default())
+    if value is None:
+        return None
+    if field.attname == "created_at":
+        return datetime.fromisoformat(value)
+    if field.attname == "cost_usd":
+        return Decimal(value)
+    if field.attname == "id":
+        return uuid.UUID(value)
+    return value
+
+
+def insert_rows(rows: list[dict[str, Any]]) -> None:
+    """Insert spooled rows, skipping ids already written (a replayed segment).
+
+    One prepared INSERT through `executemany`: the ORM's bulk_create compiles SQL
+    and builds a model instance per row, which measured a quarter of a busy web
+    process's CPU. Values still go through each field's own `get_db_prep_save`.
+    """
+    fields = UsageRow._meta.concrete_fields
+    params = [
+        [f.get_db_prep_save(_python_value(f, row), connection) for f in fields]
+        for row in rows
+    ]
+    quote = connection.ops.quote_name
+    table = quote(UsageRow._meta.db_table)
+    columns = ", ".join(quote(f.column) for f in fields)
+    values = ", ".join(["%s"] * len(fields))
+    # Table and column names come from the model, quoted; values are parameters.
+    if connection.vendor == "postgresql":
+        sql = f"INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT (id) DO NOTHING"  # noqa: S608
+    elif connection.vendor == "sqlite":
+        sql = f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({values})"  # noqa: S608
+    else:  # Other backends: the ORM's portable, slower path.
+        UsageRow.objects.bulk_create(
+            [
+                UsageRow(**{f.attname: _python_value(f, r) for f in fields})
+                for r in rows
+            ],
+            ignore_conflicts=True,
+        )
+        return
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.executemany(sql, params)
 
 
 def write_segment(path: Path, batch_size: int) -> int:
     """Insert a ready segment's rows (sync; the database must be reachable)."""
     written = 0
-    batch: list[UsageRow] = []
+    batch: list[dict[str, Any]] = []
     for data in _rows_of(path):
-        batch.append(_usage_row(data))
+        batch.append(data)
         if len(batch) >= batch_size:
-            UsageRow.objects.bulk_create(batch, ignore_conflicts=True)
+            insert_rows(batch)
             written, batch = written + len(batch), []
     if batch:
-        UsageRow.objects.bulk_create(batch, ignore_conflicts=True)
+        insert_rows(batch)
         written += len(batch)
     path.unlink()
     return written
