@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
+
+logger = logging.getLogger(__name__)
 
 
 @require_GET
@@ -35,6 +39,7 @@ def _database() -> str:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
     except Exception:
+        logger.warning("readiness: database unreachable", exc_info=True)
         return "unreachable"
     return "ok"
 
@@ -44,9 +49,11 @@ def _cache() -> str:
         return "not configured"
     try:
         cache.set("gw:health", "1", timeout=5)
-        return "ok" if cache.get("gw:health") == "1" else "unreachable"
+        answered = cache.get("gw:health") == "1"
     except Exception:
+        logger.warning("readiness: redis unreachable", exc_info=True)
         return "unreachable"
+    return "ok" if answered else "unreachable"
 
 
 def _broker() -> str:
@@ -56,7 +63,9 @@ def _broker() -> str:
 
     try:
         with app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
+            # One quick retry, no back-off: a probe must answer within its own timeout.
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=2)
     except Exception:
+        logger.warning("readiness: broker unreachable", exc_info=True)
         return "unreachable"
     return "ok"

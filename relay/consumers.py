@@ -9,19 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import re
 import time
 import uuid
 from typing import Any, ClassVar
 
 import httpx
+import orjson
 from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 from django.utils import timezone
 
 from keys.selectors import KeyInfo
-from relay import errors
+from relay import errors, upstream
 from relay.auth import secret_from_headers
 from relay.catalog import Candidate, Catalog
 from relay.forwarding import open_attempt
@@ -143,7 +143,7 @@ class RelayConsumer(AsyncHttpConsumer):
 
     async def send_json(self, status: int, payload: Any) -> None:
         self.call.status = status
-        body = json.dumps(payload).encode()
+        body = orjson.dumps(payload)
         await self.send_response(status, body, headers=self.response_headers())
 
     async def handle(self, body: bytes) -> None:
@@ -183,7 +183,7 @@ class ProxiedEndpointConsumer(RelayConsumer):
 
     def parse(self, body: bytes) -> dict[str, Any]:
         try:
-            request = json.loads(body)
+            request = orjson.loads(body)
         except ValueError:
             raise errors.InvalidRequest("The request body is not valid JSON.") from None
         if not isinstance(request, dict):
@@ -227,16 +227,14 @@ class ProxiedEndpointConsumer(RelayConsumer):
     ) -> None:
         try:
             content = await response.aread()
-        except httpx.TimeoutException:
-            raise errors.UpstreamTimeout(
-                "the upstream did not finish in time"
-            ) from None
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
+            if upstream.is_timeout(exc):
+                raise errors.UpstreamTimeout("the upstream did not finish") from None
             raise errors.UpstreamError("the upstream broke off its answer") from None
         finally:
             await response.aclose()
         try:
-            payload = json.loads(content)
+            payload = orjson.loads(content)
         except ValueError:
             raise errors.UpstreamError("the upstream's answer is not JSON") from None
         if not isinstance(payload, dict):
@@ -301,9 +299,9 @@ class ProxiedEndpointConsumer(RelayConsumer):
                 break
             except TimeoutError:
                 return None  # Grace over after a disconnect: stop reading.
-            except httpx.TimeoutException:
-                return "The upstream stopped sending in time."
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
+                if upstream.is_timeout(exc):
+                    return "The upstream stopped sending in time."
                 return "The upstream broke off the stream."
             out = meter.feed(data)
             if out and deadline is None:

@@ -6,7 +6,7 @@ in the relay ends the request with that answer.
 
 from __future__ import annotations
 
-import json
+import orjson
 
 
 class RelayError(Exception):
@@ -38,7 +38,7 @@ def error_body(
     payload = {
         "error": {"message": message, "type": type, "param": param, "code": code}
     }
-    return json.dumps(payload).encode()
+    return orjson.dumps(payload)
 
 
 class InvalidRequest(RelayError):

@@ -10,12 +10,12 @@ answer, mapped as SPEC.md's error table says.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
 from django.conf import settings
 
 from relay import upstream
@@ -57,7 +57,7 @@ def upstream_body(
         options = dict(outgoing.get("stream_options") or {})
         options["include_usage"] = True
         outgoing["stream_options"] = options
-    return json.dumps(outgoing, separators=(",", ":")).encode()
+    return orjson.dumps(outgoing)
 
 
 async def open_attempt(
@@ -78,11 +78,12 @@ async def open_attempt(
                 response = await upstream.open_response(
                     provider=candidate.provider, path=path, body=payload
                 )
-            except httpx.TimeoutException:
+            except httpx.HTTPError as exc:
                 waited += time.perf_counter() - started
-                raise UpstreamTimeout("the upstream did not answer in time") from None
-            except httpx.HTTPError:
-                waited += time.perf_counter() - started
+                if upstream.is_timeout(exc):
+                    raise UpstreamTimeout(
+                        "the upstream did not answer in time"
+                    ) from None
                 last = UpstreamError("the upstream could not be reached")
                 continue
             waited += time.perf_counter() - started
@@ -113,7 +114,7 @@ async def _refusal(response: httpx.Response) -> UpstreamRefusal:
 
 def _error_code(body: bytes) -> str | None:
     try:
-        payload = json.loads(body)
+        payload = orjson.loads(body)
     except ValueError:
         return None
     error = payload.get("error") if isinstance(payload, dict) else None

@@ -10,8 +10,9 @@ asked for.
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import orjson
 
 from relay.tokens import count_text_tokens
 
@@ -90,7 +91,7 @@ def _data_json(event: bytes) -> dict[str, Any] | None:
     if not lines:
         return None
     try:
-        payload = json.loads(b"\n".join(lines))
+        payload = orjson.loads(b"\n".join(lines))
     except ValueError:
         return None
     return payload if isinstance(payload, dict) else None
@@ -116,4 +117,4 @@ def error_event(message: str, code: str) -> bytes:
     body = {
         "error": {"message": message, "type": "api_error", "param": None, "code": code}
     }
-    return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+    return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"

@@ -1,16 +1,20 @@
-"""The one pooled HTTP client each process uses to reach providers.
+"""The one pooled HTTP transport each process uses to reach providers.
 
-httpx's API over the aiohttp transport (`httpx-aiohttp`): httpx's own pool scans
-every idle connection per request, which measured 3-10x slower here (see
-bench/RESULTS.md). One client per event loop, kept alive connections, no retries
-at this level: the relay decides what to retry (`relay.forwarding`).
+httpx's request and response types over the aiohttp transport (`httpx-aiohttp`):
+httpx's own connection pool scans every idle connection per request and measured
+3-10x slower here (bench/RESULTS.md). Requests go straight to the transport: the
+client's per-request layers (URL merging, cookies, auth and redirect flows) do
+nothing a relay needs and cost as much as the rest of the hot path. No retries at
+this level: the relay decides what to retry (`relay.forwarding`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
+import aiohttp
 import httpx
 from django.conf import settings
 from httpx_aiohttp import AiohttpTransport
@@ -19,36 +23,44 @@ from relay.catalog import ProviderInfo
 
 CONNECT_TIMEOUT_S = 10.0
 
-_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
-_transport_factory: type[httpx.AsyncBaseTransport] | None = None
+_transports: dict[asyncio.AbstractEventLoop, httpx.AsyncBaseTransport] = {}
+_transport_factory: Callable[[], httpx.AsyncBaseTransport] | None = None
+_urls: dict[str, httpx.URL] = {}
 
 
-def use_transport(factory: type[httpx.AsyncBaseTransport] | None) -> None:
-    """Swap the transport (tests use httpx.MockTransport subclasses)."""
+def use_transport(factory: Callable[[], httpx.AsyncBaseTransport] | None) -> None:
+    """Swap the transport (tests pass httpx.MockTransport factories); None restores."""
     global _transport_factory
     _transport_factory = factory
-    _clients.clear()
+    _transports.clear()
 
 
-def client() -> httpx.AsyncClient:
+def transport() -> httpx.AsyncBaseTransport:
     loop = asyncio.get_running_loop()
-    found = _clients.get(loop)
+    found = _transports.get(loop)
     if found is None:
-        limits = httpx.Limits(
-            max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
-            max_keepalive_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
-            keepalive_expiry=30.0,
-        )
-        transport = (
-            _transport_factory()
-            if _transport_factory
-            else AiohttpTransport(limits=limits)
-        )
-        found = httpx.AsyncClient(transport=transport, limits=limits, trust_env=False)
-        for stale in [other for other in _clients if other.is_closed()]:
-            del _clients[stale]
-        _clients[loop] = found
+        if _transport_factory is not None:
+            found = _transport_factory()
+        else:
+            limits = httpx.Limits(
+                max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
+                max_keepalive_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
+                keepalive_expiry=30.0,
+            )
+            found = AiohttpTransport(limits=limits, trust_env=False)
+        for stale in [other for other in _transports if other.is_closed()]:
+            del _transports[stale]
+        _transports[loop] = found
     return found
+
+
+def _url(value: str) -> httpx.URL:
+    url = _urls.get(value)
+    if url is None:
+        if len(_urls) > 10_000:  # Provider URLs are few; never let this grow unbounded.
+            _urls.clear()
+        url = _urls[value] = httpx.URL(value)
+    return url
 
 
 async def open_response(
@@ -57,26 +69,57 @@ async def open_response(
     """POST `body` to the provider and return once the response headers are in.
 
     The caller reads the body (`aiter_raw`/`aread`) and must `aclose()` it.
+    Raises httpx's exceptions (`TimeoutException`, `HTTPError`).
     """
-    headers = {
-        "content-type": "application/json",
-        "accept-encoding": "identity",
-    }
+    headers = [
+        (b"host", b""),  # Filled from the URL below.
+        (b"content-type", b"application/json"),
+        (b"accept-encoding", b"identity"),
+        (b"content-length", str(len(body)).encode()),
+    ]
     if provider.api_key:
-        headers["authorization"] = f"Bearer {provider.api_key}"
-    request = client().build_request(
+        headers.append((b"authorization", b"Bearer " + provider.api_key.encode()))
+    url = _url(provider.base_url + path)
+    headers[0] = (b"host", url.netloc)
+    timeout = provider.timeout_s
+    request = httpx.Request(
         "POST",
-        provider.base_url + path,
-        content=body,
+        url,
         headers=headers,
-        timeout=httpx.Timeout(provider.timeout_s, connect=CONNECT_TIMEOUT_S),
+        content=body,
+        extensions={
+            "timeout": {
+                "connect": CONNECT_TIMEOUT_S,
+                "read": timeout,
+                "write": timeout,
+                "pool": timeout,
+            }
+        },
     )
-    return await client().send(request, stream=True)
+    return await transport().handle_async_request(request)
 
 
-async def close_clients() -> None:
+def is_timeout(exc: httpx.HTTPError) -> bool:
+    """Whether the upstream was too slow to answer (504), not unreachable (502).
+
+    httpx-aiohttp maps every aiohttp connection error, a refused connection
+    included, to `httpx.ConnectTimeout`; the aiohttp exception it keeps as the
+    cause tells the truth. A connect timeout counts as unreachable: retrying it
+    elsewhere is worth it, and the SPEC calls an unreachable upstream a 502.
+    """
+    cause = exc.__cause__
+    if cause is None:
+        return isinstance(exc, httpx.TimeoutException) and not isinstance(
+            exc, httpx.ConnectTimeout
+        )
+    if isinstance(cause, aiohttp.ConnectionTimeoutError):
+        return False
+    return isinstance(cause, TimeoutError)
+
+
+async def close_transports() -> None:
     loop = asyncio.get_running_loop()
-    found = _clients.pop(loop, None)
+    found = _transports.pop(loop, None)
     if found is not None:
         with contextlib.suppress(Exception):
             await found.aclose()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -28,6 +27,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 from django.db.models import Field
@@ -63,11 +63,11 @@ class Spool:
         self._pid = os.getpid()
 
     def append(self, row: dict[str, Any]) -> None:
-        line = json.dumps(row, default=_encode, separators=(",", ":")) + "\n"
+        line = orjson.dumps(row, default=_encode, option=orjson.OPT_APPEND_NEWLINE)
         if self._fd is None or self._pid != os.getpid():
             self._open_segment()
         assert self._fd is not None
-        os.write(self._fd, line.encode())
+        os.write(self._fd, line)
         self._pending += 1
 
     @property
@@ -129,7 +129,7 @@ def _rows_of(path: Path) -> Iterator[dict[str, Any]]:
             if not line:
                 continue
             try:
-                yield json.loads(line)
+                yield orjson.loads(line)
             except ValueError:
                 # A line cut short by a crash mid-write: nothing of it was accepted.
                 logger.error(
@@ -138,7 +138,9 @@ def _rows_of(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _python_value(field: Field[Any, Any], data: dict[str, Any]) -> Any:
-    value = data.get(field.attname, field.get_default())
+    if field.attname not in data:  # A row spooled by an older version.
+        return field.get_default()
+    value = data[field.attname]
     if value is None:
         return None
     if field.attname == "created_at":
