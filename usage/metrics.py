@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from decimal import Decimal
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -28,6 +30,22 @@ AUTH_FAILURES = Counter("gateway_auth_failures_total", "Requests refused for the
 OPEN_STREAMS = Gauge("gateway_open_streams", "Streams being relayed right now")
 
 
+@functools.cache
+def _requests(model: str, status: str) -> Any:
+    # labels() validates and locks on every call; the children are few and stable.
+    return REQUESTS.labels(model=model, status=status)
+
+
+@functools.cache
+def _tokens(model: str, kind: str) -> Any:
+    return TOKENS.labels(model=model, kind=kind)
+
+
+@functools.cache
+def _cost(model: str) -> Any:
+    return COST.labels(model=model)
+
+
 def observe_request(
     *,
     model: str,
@@ -39,14 +57,14 @@ def observe_request(
     ttft_ms: int | None,
 ) -> None:
     model = model or "-"
-    REQUESTS.labels(model=model, status=str(status)).inc()
+    _requests(model, str(status)).inc()
     if prompt_tokens:
-        TOKENS.labels(model=model, kind="prompt").inc(prompt_tokens)
+        _tokens(model, "prompt").inc(prompt_tokens)
     if completion_tokens:
-        TOKENS.labels(model=model, kind="completion").inc(completion_tokens)
+        _tokens(model, "completion").inc(completion_tokens)
     if cost:
         # A float only for the metric's sake; money itself stays Decimal in the rows.
-        COST.labels(model=model).inc(float(cost))
+        _cost(model).inc(float(cost))
     if upstream_s is not None:
         UPSTREAM_LATENCY.observe(upstream_s)
     if ttft_ms is not None:

@@ -21,20 +21,23 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import connection, transaction
 from django.db.models import Field
 
 from usage.models import UsageRow
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 LIVE_SUFFIX = ".jsonl"
 READY_SUFFIX = ".ready"
@@ -203,16 +206,24 @@ def write_segment(path: Path, batch_size: int) -> int:
 
 
 def flush_ready(spool: Spool) -> int:
-    """Write every ready segment (and orphans) to the database; sync."""
-    close_old_connections()
-    spool.adopt_orphans()
-    written = 0
-    for path in spool.ready_segments():
-        try:
-            written += write_segment(path, settings.GATEWAY_USAGE_BATCH_SIZE)
-        except FileNotFoundError:
-            continue  # Another flusher took it.
-    return written
+    """Write every ready segment (and orphans) to the database; sync.
+
+    Runs on the recorder's own thread, which keeps its connection between flushes;
+    a failed flush drops it so the next one reconnects.
+    """
+    try:
+        spool.adopt_orphans()
+        written = 0
+        for path in spool.ready_segments():
+            try:
+                written += write_segment(path, settings.GATEWAY_USAGE_BATCH_SIZE)
+            except FileNotFoundError:
+                continue  # Another flusher took it.
+        return written
+    except Exception:
+        with contextlib.suppress(Exception):
+            connection.close()
+        raise
 
 
 class Recorder:
@@ -224,6 +235,8 @@ class Recorder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._orphans_checked = float("-inf")
+        # One thread for every flush: its database connection lives across flushes.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage")
 
     @property
     def spool(self) -> Spool:
@@ -277,9 +290,14 @@ class Recorder:
             if now - self._orphans_checked < ORPHAN_CHECK_INTERVAL_S:
                 return 0
             self._orphans_checked = now
-            if not await asyncio.to_thread(self.spool.adopt_orphans):
+            if not await self._in_thread(self.spool.adopt_orphans):
                 return 0
-        return await asyncio.to_thread(flush_ready, self.spool)
+        return await self._in_thread(flush_ready, self.spool)
+
+    async def _in_thread(self, function: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, function, *args
+        )
 
     def flush_sync(self) -> int:
         self.spool.seal()
