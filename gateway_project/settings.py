@@ -135,6 +135,8 @@ else:
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Django 6's default for URL form fields (provider base URLs), adopted now.
+FORMS_URLFIELD_ASSUME_HTTPS = True
 
 # --- Redis: cache, limits, channel layer -------------------------------------------
 

@@ -175,7 +175,9 @@ def test_a_negative_grace_period_is_refused():
 
 
 def test_rpm_tpm_and_budget_stand_for_the_spec_quotas():
-    specs = quota_specs(rpm=60, tpm=1000, budget_usd=Decimal("12.34"), budget_period="day")
+    specs = quota_specs(
+        rpm=60, tpm=1000, budget_usd=Decimal("12.34"), budget_period="day"
+    )
 
     assert specs == [
         QuotaSpec("requests", "minute", Decimal(60)),
@@ -224,14 +226,18 @@ def test_set_key_limits_refuses_fields_that_are_not_editable():
 
 def test_a_negative_quota_limit_is_refused_and_nothing_is_issued():
     with pytest.raises(ValidationError):
-        issue_key(name="negative", quotas=[QuotaSpec("requests", "minute", Decimal(-1))])
+        issue_key(
+            name="negative", quotas=[QuotaSpec("requests", "minute", Decimal(-1))]
+        )
 
     assert not ApiKey.objects.filter(name="negative").exists()
 
 
 def test_team_quotas_reach_the_keys_of_the_team():
     team = factories.make_team("research")
-    Quota.objects.create(team=team, metric="cost_usd", period="month", limit=Decimal(100))
+    Quota.objects.create(
+        team=team, metric="cost_usd", period="month", limit=Decimal(100)
+    )
     _, secret = factories.make_key(team=team, quotas=quota_specs(rpm=5))
 
     info = key_info_for_secret(secret)
