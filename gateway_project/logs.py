@@ -12,15 +12,33 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 REDACTED = "[redacted]"
 
+
+# Replacements are functions, not `\1` templates: `re` compiles a template in Python,
+# which fails while the interpreter shuts down, and a filter must never raise.
+def _gateway_key(match: re.Match[str]) -> str:
+    return f"sk-gw-{match.group(1)}-{REDACTED}"
+
+
+def _keep_label(match: re.Match[str]) -> str:
+    return match.group(1) + REDACTED
+
+
+def _keep_label_at(match: re.Match[str]) -> str:
+    return f"{match.group(1)}{REDACTED}@"
+
+
+Replacement = Callable[[re.Match[str]], str] | str
+
 # (pattern, replacement), applied in this order.
-SECRET_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+SECRET_PATTERNS: list[tuple[re.Pattern[str], Replacement]] = [
     # A gateway key keeps its public prefix, which is what operators look keys up by.
-    (re.compile(r"sk-gw-([A-Za-z0-9]{8})-[A-Za-z0-9_\-]+"), r"sk-gw-\1-[redacted]"),
+    (re.compile(r"sk-gw-([A-Za-z0-9]{8})-[A-Za-z0-9_\-]+"), _gateway_key),
     # Any other `sk-…` token: provider keys, and gateway keys a client mangled.
     (
         re.compile(r"\bsk-(?!gw-[A-Za-z0-9]{8}-\[redacted\])[A-Za-z0-9_\-]{12,}"),
@@ -30,33 +48,33 @@ SECRET_PATTERNS: list[tuple[re.Pattern[str], str]] = [
         re.compile(
             r"(?i)(\bbearer\s+)(?!sk-gw-[A-Za-z0-9]{8}-\[redacted\])[A-Za-z0-9._~+/\-]+=*"
         ),
-        r"\1[redacted]",
+        _keep_label,
     ),
     # An Authorization header's whole value, whatever its scheme (Basic, Bearer, …).
     (
         re.compile(
             r"(?i)((?:proxy-)?authorization[\"']?\s*[=:]\s*[\"']?)(?!\s*\[redacted\])[^\"'\r\n,;}]+"
         ),
-        r"\1[redacted]",
+        _keep_label,
     ),
     # Keys wrongly sent in a query string: ?key=…, &api_key=…, ?access_token=….
     (
         re.compile(
             r"(?i)([?&;](?:key|api[_-]?key|access[_-]?token|token|secret|password)=)[^&#\s\"']+"
         ),
-        r"\1[redacted]",
+        _keep_label,
     ),
     # `api_key: …`, `secret=…`, `"password": "…"` in free text.
     (
         re.compile(
             r"(?i)(\b(?:api[_-]?key|token|secret|password|passwd)[\"']?\s*[=:]\s*[\"']?)[^\s\"'&,;}]+"
         ),
-        r"\1[redacted]",
+        _keep_label,
     ),
     # user:password@ in URLs (database, Redis and broker URLs in error messages).
     (
         re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^:/?#\s@]*:)[^@/?#\s]+@"),
-        r"\1[redacted]@",
+        _keep_label_at,
     ),
 ]
 
@@ -125,6 +143,13 @@ class RedactSecretsFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
+            self._redact(record)
+        except Exception as exc:  # Never raise from logging, and never leak instead.
+            _withhold(record, exc)
+        return True
+
+    def _redact(self, record: logging.LogRecord) -> None:
+        try:
             message = record.getMessage()
         except Exception:  # Bad %-args: log what we have rather than nothing.
             message = f"{record.msg} {record.args!r}"
@@ -139,7 +164,14 @@ class RedactSecretsFilter(logging.Filter):
             record.exc_text = redact(record.exc_text)
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
-        return True
+
+
+def _withhold(record: logging.LogRecord, exc: Exception) -> None:
+    """What a record says when it could not be redacted: where it came from, no more."""
+    for name in [n for n in vars(record) if n not in RESERVED]:
+        delattr(record, name)
+    record.msg = f"log record withheld: redaction failed ({type(exc).__name__})"
+    record.args = record.exc_info = record.exc_text = record.stack_info = None
 
 
 class JsonFormatter(logging.Formatter):

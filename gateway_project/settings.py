@@ -9,6 +9,7 @@ limits, eager Celery. Each variable appears once, next to its default, and again
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -129,7 +130,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not :memory:, so servers started by the tests share the test database;
     # one per test run, so parallel runs on one checkout don't clobber each other.
     DATABASES["default"]["TEST"] = {
-        "NAME": str(BASE_DIR / f"test_db_{os.getpid()}.sqlite3")
+        "NAME": str(Path(tempfile.gettempdir()) / f"gateway-test-{os.getpid()}.sqlite3")
     }
 else:
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True

@@ -18,7 +18,7 @@ from django.conf import settings
 
 SECRET_PREFIX = "sk-gw-"  # noqa: S105 (a format marker, not a secret)
 PREFIX_ALPHABET = string.ascii_letters + string.digits
-SECRET_PATTERN = re.compile(r"^sk-gw-([A-Za-z0-9]{8})-([A-Za-z0-9_\-]{32,200})$")
+SECRET_PATTERN = re.compile(r"sk-gw-([A-Za-z0-9]{8})-([A-Za-z0-9_\-]{32,200})")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def make_secret() -> Secret:
 
 def parse_prefix(value: str) -> str | None:
     """The public prefix of a well-formed secret, or None for anything else."""
-    match = SECRET_PATTERN.match(value)
+    match = SECRET_PATTERN.fullmatch(value)
     return match.group(1) if match else None
 
 

@@ -188,8 +188,8 @@ def config_changed() -> None:
 def _replace_quotas(*, key: ApiKey, quotas: Iterable[QuotaSpec]) -> None:
     specs = list(quotas)
     for spec in specs:
-        if spec.limit < 0:
-            raise ValidationError("a quota limit must not be negative")
+        if not spec.limit.is_finite() or spec.limit < 0:
+            raise ValidationError("a quota limit must be a number, not negative")
     wanted = {(spec.metric, spec.period) for spec in specs}
     stale = [q.pk for q in key.quotas.all() if (q.metric, q.period) not in wanted]
     Quota.objects.filter(pk__in=stale).delete()

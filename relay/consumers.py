@@ -31,7 +31,7 @@ from relay.sse import SseMeter, error_event
 from relay.tokens import count_prompt_tokens, count_text_tokens
 from usage import metrics
 
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,200}$")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,200}")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -418,7 +418,10 @@ def _request_id(scope: dict[str, Any]) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             candidate = value.decode("latin-1")
-            if REQUEST_ID_PATTERN.match(candidate):
+            # A key pasted into the wrong header must not be echoed and stored.
+            if REQUEST_ID_PATTERN.fullmatch(candidate) and not candidate.startswith(
+                "sk-"
+            ):
                 return candidate
     return f"req_{uuid.uuid4().hex}"
 

@@ -19,6 +19,24 @@ from tests.support.servers import PROJECT_ROOT, ServerProcess, start_fake_upstre
 CHAT_MODEL = "fake-chat"
 
 
+@pytest.fixture(autouse=True)
+def generation_read_from_the_database() -> Iterator[None]:
+    """Redis mirrors the config generation; a rolled-back or flushed test database
+    leaves the mirror ahead of it. Without the mirror, readers fall back to the row."""
+
+    def forget_mirror() -> None:
+        if settings.REDIS_URL:
+            from django_redis import get_redis_connection
+
+            from relay.generation import REDIS_KEY
+
+            get_redis_connection("default").delete(REDIS_KEY)
+
+    forget_mirror()
+    yield
+    forget_mirror()
+
+
 @pytest.fixture(scope="session")
 def fake_upstream() -> Iterator[ServerProcess]:
     server = start_fake_upstream(api_key=None)

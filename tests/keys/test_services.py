@@ -21,26 +21,10 @@ from keys.services import (
     rotate_key,
     set_key_limits,
 )
-from relay.generation import REDIS_KEY, read_config_generation
+from relay.generation import read_config_generation
 from tests import factories
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def generation_read_from_the_database(settings):
-    """Redis mirrors the generation, and a rolled-back test leaves the mirror ahead of
-    the database; without the mirror, `read_config_generation()` reads the row."""
-
-    def forget_mirror() -> None:
-        if settings.REDIS_URL:
-            from django_redis import get_redis_connection
-
-            get_redis_connection("default").delete(REDIS_KEY)
-
-    forget_mirror()
-    yield
-    forget_mirror()
 
 
 def quotas_of(key: ApiKey) -> set[tuple[str, str, Decimal]]:

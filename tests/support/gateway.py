@@ -19,7 +19,7 @@ PROVIDER_KEY_ENV = "FAKE_PROVIDER_KEY"
 PROVIDER_KEY = "sk-upstream-provider-secret-0123456789"
 
 
-def test_database_url() -> str:
+def database_url_for_tests() -> str:
     """DATABASE_URL of the database pytest-django set up for this run."""
     db = connection.settings_dict
     if db["ENGINE"] == "django.db.backends.sqlite3":
@@ -34,7 +34,7 @@ def test_database_url() -> str:
 def server_env(spool_dir: Path, **extra: str | None) -> dict[str, str | None]:
     env: dict[str, str | None] = {
         "DJANGO_SETTINGS_MODULE": "gateway_project.settings",
-        "DATABASE_URL": test_database_url(),
+        "DATABASE_URL": database_url_for_tests(),
         "REDIS_URL": settings.REDIS_URL,
         "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
         "GATEWAY_USAGE_SPOOL_DIR": str(spool_dir),

@@ -9,6 +9,7 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import transaction
 
 from keys.services import issue_key, quota_specs, upsert_team
 
@@ -32,38 +33,43 @@ class Command(BaseCommand):
         parser.add_argument("--expires", help="ISO 8601 date-time with offset")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        # Every option is checked before anything is written.
         owner = None
         if options["owner"]:
             try:
                 owner = get_user_model().objects.get(username=options["owner"])
             except get_user_model().DoesNotExist:
                 raise CommandError(f"no user named {options['owner']!r}") from None
-        team = upsert_team(name=options["team"]) if options["team"] else None
         budget = None
         if options["budget_usd"] is not None:
             try:
                 budget = Decimal(options["budget_usd"])
             except InvalidOperation:
                 raise CommandError("--budget-usd must be a number") from None
+            if not budget.is_finite() or budget < 0:
+                raise CommandError("--budget-usd must be a number, not negative")
         for flag in ("rpm", "tpm"):
             if options[flag] is not None and options[flag] < 0:
                 raise CommandError(f"--{flag} must not be negative")
         expires_at = _expiry(options["expires"]) if options["expires"] else None
         models = [m.strip() for m in options["models"].split(",") if m.strip()]
         try:
-            issued = issue_key(
-                name=options["name"],
-                owner=owner,
-                team=team,
-                models=models,
-                expires_at=expires_at,
-                quotas=quota_specs(
-                    rpm=options["rpm"],
-                    tpm=options["tpm"],
-                    budget_usd=budget,
-                    budget_period=options["budget_period"],
-                ),
+            quotas = quota_specs(
+                rpm=options["rpm"],
+                tpm=options["tpm"],
+                budget_usd=budget,
+                budget_period=options["budget_period"],
             )
+            with transaction.atomic():
+                team = upsert_team(name=options["team"]) if options["team"] else None
+                issued = issue_key(
+                    name=options["name"],
+                    owner=owner,
+                    team=team,
+                    models=models,
+                    expires_at=expires_at,
+                    quotas=quotas,
+                )
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from exc
         key = issued.key

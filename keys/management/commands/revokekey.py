@@ -20,7 +20,11 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, name_or_prefix: str, **options: Any) -> None:
         needle = parse_prefix(name_or_prefix) or name_or_prefix
-        matches = list(ApiKey.objects.filter(Q(prefix=needle) | Q(name=needle))[:2])
+        matches = list(
+            ApiKey.objects.filter(
+                Q(prefix=needle) | Q(previous_prefix=needle) | Q(name=needle)
+            )[:2]
+        )
         if not matches:
             raise CommandError(f"no key with the name or prefix {needle!r}")
         if len(matches) > 1:
