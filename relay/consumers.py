@@ -69,6 +69,8 @@ class RelayConsumer(AsyncHttpConsumer):
                 watcher = asyncio.ensure_future(self._watch_disconnect(receive))
                 await self.handle(body)
             except errors.RelayError as exc:
+                if exc.candidate is not None and self.call.candidate is None:
+                    self.call.candidate = exc.candidate  # The row names who failed.
                 await self.send_error(exc)
             except ClientGone:
                 self.call.client_disconnected = True
@@ -226,7 +228,11 @@ class ProxiedEndpointConsumer(RelayConsumer):
         self, response: httpx.Response, request: dict[str, Any]
     ) -> None:
         try:
-            content = await response.aread()
+            content = await self._read_whole(response)
+        except TimeoutError:
+            # The client left and the upstream did not finish within the grace.
+            self.estimate(request, None, completion=0)
+            return
         except httpx.HTTPError as exc:
             if upstream.is_timeout(exc):
                 raise errors.UpstreamTimeout("the upstream did not finish") from None
@@ -247,6 +253,24 @@ class ProxiedEndpointConsumer(RelayConsumer):
         await self.send_response(
             response.status_code, content, headers=self.response_headers(content_type)
         )
+
+    async def _read_whole(self, response: httpx.Response) -> bytes:
+        """The whole answer; once the client is gone, only for the grace period."""
+        reading = asyncio.ensure_future(response.aread())
+        gone = asyncio.ensure_future(self.client_gone.wait())
+        try:
+            await asyncio.wait({reading, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                self.call.client_disconnected = True
+                grace = settings.GATEWAY_DISCONNECT_GRACE_S
+                return await asyncio.wait_for(reading, grace)
+            if self.client_gone.is_set():
+                self.call.client_disconnected = True
+            return reading.result()
+        finally:
+            gone.cancel()
+            if not reading.done():
+                reading.cancel()
 
     async def relay_stream(
         self, response: httpx.Response, request: dict[str, Any], *, strip_usage: bool

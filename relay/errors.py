@@ -6,13 +6,20 @@ in the relay ends the request with that answer.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import orjson
+
+if TYPE_CHECKING:
+    from relay.catalog import Candidate
 
 
 class RelayError(Exception):
     status = 500
     code = "internal_error"
     type = "api_error"
+    # The upstream candidate last tried, when the error came from forwarding.
+    candidate: Candidate | None = None
 
     def __init__(
         self,

@@ -63,7 +63,20 @@ def upstream_body(
 async def open_attempt(
     *, candidates: list[Candidate], body: dict[str, Any], path: str, stream_usage: bool
 ) -> Attempt:
-    """The first upstream response worth giving the client (2xx, or a client error)."""
+    """The first upstream response worth giving the client (2xx, or a client error).
+
+    An error raised names the candidate it came from, for the usage row.
+    """
+    try:
+        return await _first_answer(candidates, body, path, stream_usage)
+    except RelayError as exc:
+        exc.candidate = exc.candidate or candidates[-1]  # Every try named one.
+        raise
+
+
+async def _first_answer(
+    candidates: list[Candidate], body: dict[str, Any], path: str, stream_usage: bool
+) -> Attempt:
     retries = settings.GATEWAY_UPSTREAM_RETRIES
     backoff = settings.GATEWAY_UPSTREAM_RETRY_BACKOFF_S
     waited = 0.0
@@ -81,21 +94,27 @@ async def open_attempt(
             except httpx.HTTPError as exc:
                 waited += time.perf_counter() - started
                 if upstream.is_timeout(exc):
-                    raise UpstreamTimeout(
-                        "the upstream did not answer in time"
-                    ) from None
+                    timeout = UpstreamTimeout("the upstream did not answer in time")
+                    timeout.candidate = candidate
+                    raise timeout from None
                 last = UpstreamError("the upstream could not be reached")
+                last.candidate = candidate
                 continue
             waited += time.perf_counter() - started
             if response.status_code < 400:
                 return Attempt(candidate, response, waited)
             if response.status_code not in RETRYABLE_STATUSES:
-                raise await _refusal(response)  # The client's own mistake: no retry.
+                refusal = await _refusal(
+                    response
+                )  # The client's own mistake: no retry.
+                refusal.candidate = candidate
+                raise refusal
             if response.status_code == 429:
                 last = await _refusal(response)
             else:
                 await response.aclose()
                 last = UpstreamError(f"the upstream failed with {response.status_code}")
+            last.candidate = candidate
     raise last
 
 

@@ -31,9 +31,10 @@ class SseMeter:
 
     def feed(self, data: bytes) -> bytes:
         """Bytes to forward now for `data` just read from the upstream."""
-        if b"\r" in data or (self._partial and b"\r" in self._partial):
-            data = data.replace(b"\r\n", b"\n")
         buffer = self._partial + data if self._partial else data
+        if b"\r" in buffer:
+            # Joined first: a read may end between the \r and \n of a blank line.
+            buffer = buffer.replace(b"\r\n", b"\n")
         end = buffer.rfind(b"\n\n")
         if end < 0:
             self._partial = buffer

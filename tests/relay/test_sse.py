@@ -161,16 +161,6 @@ def test_crlf_framed_events_are_recognised_and_forwarded_with_lf():
     assert meter.saw_done
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG relay/sse.py SseMeter.feed: CRLF is normalised in the new bytes only, "
-        "so a read ending between the '\\r' and '\\n' of an event's blank line "
-        "leaves '\\n\\r' + '\\n' in the buffer, which is no '\\n\\n': the event "
-        "merges with the next one, usage in it is missed and the usage chunk "
-        "reaches a client that did not ask for it"
-    ),
-)
 def test_crlf_framed_events_cut_at_any_byte_are_recognised_and_forwarded_with_lf():
     stream = crlf(WITH_USAGE)
     wrong = []
