@@ -12,6 +12,7 @@ cookie, which would store it, and never on the ModelAdmin, which every request s
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from django.contrib import admin, messages
@@ -212,8 +213,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.display(description="spend this month (USD)", ordering="spend_usd")
     def spend_this_month(self, obj: ApiKey) -> str:
-        spend = getattr(obj, "spend_usd", None)
-        return f"{spend:.4f}" if spend is not None else "0"
+        spend = getattr(obj, "spend_usd", None) or Decimal(0)
+        return f"{spend:.4f}"
 
     @admin.display(description="last used", ordering="last_used_at")
     def last_used(self, obj: ApiKey) -> str:
