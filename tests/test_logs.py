@@ -304,7 +304,7 @@ def test_each_record_is_one_json_object_on_one_line(log):
     assert (first["request_id"], first["status"]) == ("req_1", 200)
     assert second["level"] == "error" and "RuntimeError: boom" in second["exception"]
     assert (
-        third["message"] == "50% done" and third["when"] == "2024-07-18 12:00:00+00:00"
+        third["message"] == "50% done" and third["when"] == "2024-07-18T12:00:00+00:00"
     )
 
 
