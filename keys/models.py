@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -139,7 +140,9 @@ class Quota(models.Model):
     )
     metric = models.CharField(max_length=10, choices=Metric.choices)
     period = models.CharField(max_length=10, choices=Period.choices)
-    limit = models.DecimalField(max_digits=20, decimal_places=10)
+    limit = models.DecimalField(
+        max_digits=20, decimal_places=10, validators=[MinValueValidator(0)]
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
