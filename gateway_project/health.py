@@ -62,7 +62,7 @@ def _broker() -> str:
     from gateway_project.celery import app
 
     try:
-        with app.connection_for_write() as conn:
+        with app.connection_for_write(settings.CELERY_BROKER_URL) as conn:
             # One quick retry, no back-off: a probe must answer within its own timeout.
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=2)
     except Exception:

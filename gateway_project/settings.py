@@ -140,8 +140,6 @@ else:
     }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-# Django 6's default for URL form fields (provider base URLs), adopted now.
-FORMS_URLFIELD_ASSUME_HTTPS = True
 
 # --- Redis: cache, limits, channel layer -------------------------------------------
 

@@ -20,6 +20,11 @@ env_name = RegexValidator(
 
 
 class ProviderForm(forms.ModelForm):
+    base_url = forms.URLField(
+        max_length=500,
+        assume_scheme="https",
+        help_text="e.g. https://api.openai.com/v1",
+    )
     api_key = forms.CharField(
         label="API key",
         required=False,

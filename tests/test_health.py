@@ -8,8 +8,6 @@ from unittest import mock
 import pytest
 from django.db import OperationalError, connection
 
-from gateway_project.celery import app as celery_app
-
 CLOSED_REDIS = "redis://127.0.0.1:1/0"
 
 
@@ -82,11 +80,9 @@ def test_ready_is_503_when_redis_is_configured_but_down(client, settings):
 
 
 @pytest.mark.django_db
-def test_ready_is_503_quickly_when_the_broker_is_configured_but_down(
-    client, settings, monkeypatch
-):
+def test_ready_is_503_quickly_when_the_broker_is_configured_but_down(client, settings):
     settings.CELERY_TASK_ALWAYS_EAGER = False
-    monkeypatch.setattr(celery_app.conf, "broker_url", CLOSED_REDIS)
+    settings.CELERY_BROKER_URL = CLOSED_REDIS
     started = time.monotonic()
 
     response = client.get("/health/ready")
