@@ -1,0 +1,8 @@
+"""/reports/: the finance pages (filled in by the finance work)."""
+
+from __future__ import annotations
+
+from django.urls import URLPattern, URLResolver
+
+app_name = "reports"
+urlpatterns: list[URLPattern | URLResolver] = []
