@@ -10,6 +10,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Q, QuerySet
 
 from keys.models import ApiKey, Quota
+from keys.roles import is_finance
 from keys.secrets import parse_prefix, verify_secret
 
 
@@ -106,6 +107,6 @@ def visible_keys(user: AbstractBaseUser | AnonymousUser) -> QuerySet[ApiKey]:
         return qs.none()
     if user.has_perm("keys.view_apikey"):
         return qs
-    if user.groups.filter(name="finance").exists():
+    if is_finance(user):
         return qs.none()  # Finance sees usage, never keys.
     return qs.filter(owner=user)

@@ -161,6 +161,8 @@ class ProxiedEndpointConsumer(RelayConsumer):
     stream_usage_option: ClassVar[bool] = True
 
     async def handle(self, body: bytes) -> None:
+        if self.scope["method"] != "POST":
+            raise errors.MethodNotAllowed("Use POST.", headers={"allow": "POST"})
         request = self.parse(body)
         candidates = await self.route(request)
         stream = bool(request.get("stream")) and self.streams
