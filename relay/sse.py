@@ -40,11 +40,12 @@ class SseMeter:
             self._partial = buffer
             return b""
         complete, self._partial = buffer[: end + 2], buffer[end + 2 :]
-        if b'"usage"' not in complete and b"[DONE]" not in complete:
-            # The common case: content events only. Forwarded untouched.
+        if not _mentions_usage(complete) and b"[DONE]" not in complete:
+            # The common case: content events only, passed on as they came (but
+            # for the `"usage":null` the gateway's own request made them carry).
             self.events += complete.count(b"\n\n")
             self._content_events.append(complete)
-            return complete
+            return _without_null_usage(complete) if self.strip_usage else complete
         return b"".join(self._event(e + b"\n\n") for e in complete[:-2].split(b"\n\n"))
 
     def flush(self) -> bytes:
@@ -57,9 +58,9 @@ class SseMeter:
         if event.startswith(DONE):
             self.saw_done = True
             return event
-        if b'"usage"' not in event:
+        if not _mentions_usage(event):
             self._content_events.append(event)
-            return event
+            return _without_null_usage(event) if self.strip_usage else event
         payload = _data_json(event)
         usage = payload.get("usage") if payload else None
         if isinstance(payload, dict) and isinstance(payload.get("response"), dict):
@@ -70,9 +71,7 @@ class SseMeter:
                 return b""  # The chunk the gateway asked for; the client did not.
         else:
             self._content_events.append(event)
-        if self.strip_usage:
-            return event.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
-        return event
+        return _without_null_usage(event) if self.strip_usage else event
 
     def estimated_completion_tokens(self) -> int:
         """Tokens of the content streamed so far, counted locally."""
@@ -83,6 +82,15 @@ class SseMeter:
                 if payload:
                     text.append(_delta_text(payload))
         return count_text_tokens("".join(text))
+
+
+def _mentions_usage(data: bytes) -> bool:
+    """Whether `data` carries a usage object (not just `"usage":null`)."""
+    return b'"usage":{' in data or b'"usage": {' in data
+
+
+def _without_null_usage(data: bytes) -> bytes:
+    return data.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
 
 
 def _data_json(event: bytes) -> dict[str, Any] | None:
