@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import itertools
 import re
+import secrets
 import time
-import uuid
 from typing import Any, ClassVar
 
 import httpx
@@ -31,6 +32,10 @@ from relay.sse import SseMeter, error_event
 from relay.tokens import count_prompt_tokens, count_text_tokens
 from usage import metrics
 
+# Request ids: a random per-process prefix and a counter, unique without a system
+# call per request (uuid4 reads the kernel's random pool every time).
+_PROCESS_ID = secrets.token_hex(8)
+_request_numbers = itertools.count(1)
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,200}")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -449,7 +454,7 @@ def _request_id(scope: dict[str, Any]) -> str:
                 "sk-"
             ):
                 return candidate
-    return f"req_{uuid.uuid4().hex}"
+    return f"req_{_PROCESS_ID}{next(_request_numbers):012x}"
 
 
 def _tags(headers: list[tuple[bytes, bytes]]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,13 +24,19 @@ access_log = logging.getLogger("gateway.access")
 Source = UsageRow.Source
 
 
+def _row_id() -> uuid.UUID:
+    # Random, not secret: Python's generator is reseeded from the OS at start and
+    # after fork, and 122 random bits keep ids unique across every process.
+    return uuid.UUID(int=random.getrandbits(128), version=4)
+
+
 @dataclass
 class Call:
     endpoint: str
     request_id: str
     started: float = field(default_factory=time.perf_counter)
     created_at: datetime = field(default_factory=timezone.now)
-    row_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    row_id: uuid.UUID = field(default_factory=_row_id)
     key: KeyInfo | None = None
     model: str = ""
     stream: bool = False

@@ -64,6 +64,8 @@ class Spool:
         self._path: Path | None = None
         self._pending = 0
         self._pid = os.getpid()
+        self._host = ""
+        self._ready_to_write = False
 
     def append(self, row: dict[str, Any]) -> None:
         line = orjson.dumps(row, default=_encode, option=orjson.OPT_APPEND_NEWLINE)
@@ -87,11 +89,18 @@ class Spool:
         self._fd, self._path, self._pending = None, None, 0
 
     def _open_segment(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._pid = os.getpid()
-        name = f"{socket.gethostname()}-{self._pid}-{time.time_ns()}{LIVE_SUFFIX}"
+        if self._pid != os.getpid() or not self._ready_to_write:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._pid, self._host = os.getpid(), socket.gethostname()
+            self._ready_to_write = True
+        name = f"{self._host}-{self._pid}-{time.time_ns()}{LIVE_SUFFIX}"
         self._path = self.directory / name
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        try:
+            self._fd = os.open(self._path, flags, 0o600)
+        except FileNotFoundError:  # The directory was removed under us.
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self._path, flags, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._pending = 0
 
