@@ -24,6 +24,6 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
         elif message["type"] == "lifespan.shutdown":
             await snapshot.close()
             await recorder.close()
-            await upstream.close_transports()
+            await upstream.close_sessions()
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -15,7 +15,6 @@ import secrets
 import time
 from typing import Any, ClassVar
 
-import httpx
 import orjson
 from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
@@ -232,7 +231,7 @@ class ProxiedEndpointConsumer(RelayConsumer):
         return candidates
 
     async def relay_whole(
-        self, response: httpx.Response, request: dict[str, Any]
+        self, response: upstream.UpstreamResponse, request: dict[str, Any]
     ) -> None:
         try:
             content = await self._read_whole(response)
@@ -240,8 +239,8 @@ class ProxiedEndpointConsumer(RelayConsumer):
             # The client left and the upstream did not finish within the grace.
             self.estimate(request, None, completion=0)
             return
-        except httpx.HTTPError as exc:
-            if upstream.is_timeout(exc):
+        except upstream.UpstreamFailure as exc:
+            if exc.timeout:
                 raise errors.UpstreamTimeout("the upstream did not finish") from None
             raise errors.UpstreamError("the upstream broke off its answer") from None
         finally:
@@ -261,7 +260,7 @@ class ProxiedEndpointConsumer(RelayConsumer):
             response.status_code, content, headers=self.response_headers(content_type)
         )
 
-    async def _read_whole(self, response: httpx.Response) -> bytes:
+    async def _read_whole(self, response: upstream.UpstreamResponse) -> bytes:
         """The whole answer; once the client is gone, only for the grace period."""
         reading = asyncio.ensure_future(response.aread())
         gone = asyncio.ensure_future(self.client_gone.wait())
@@ -280,7 +279,11 @@ class ProxiedEndpointConsumer(RelayConsumer):
                 reading.cancel()
 
     async def relay_stream(
-        self, response: httpx.Response, request: dict[str, Any], *, strip_usage: bool
+        self,
+        response: upstream.UpstreamResponse,
+        request: dict[str, Any],
+        *,
+        strip_usage: bool,
     ) -> None:
         meter = SseMeter(strip_usage=strip_usage)
         self.call.status = response.status_code
@@ -310,7 +313,9 @@ class ProxiedEndpointConsumer(RelayConsumer):
         if not self.call.take_usage(meter.usage, partial=failure is not None):
             self.estimate(request, None, completion=meter.estimated_completion_tokens())
 
-    async def _pump(self, response: httpx.Response, meter: SseMeter) -> str | None:
+    async def _pump(
+        self, response: upstream.UpstreamResponse, meter: SseMeter
+    ) -> str | None:
         """Relay the upstream's events as they arrive; the failure text, if any."""
         chunks = response.aiter_raw()
         deadline: float | None = None
@@ -330,8 +335,8 @@ class ProxiedEndpointConsumer(RelayConsumer):
                 break
             except TimeoutError:
                 return None  # Grace over after a disconnect: stop reading.
-            except httpx.HTTPError as exc:
-                if upstream.is_timeout(exc):
+            except upstream.UpstreamFailure as exc:
+                if exc.timeout:
                     return "The upstream stopped sending in time."
                 return "The upstream broke off the stream."
             out = meter.feed(data)

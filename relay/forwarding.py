@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import orjson
 from django.conf import settings
 
@@ -28,7 +27,7 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 @dataclass
 class Attempt:
     candidate: Candidate
-    response: httpx.Response
+    response: upstream.UpstreamResponse
     # Seconds spent waiting for the upstream's headers, over every try.
     upstream_wait_s: float
 
@@ -91,9 +90,9 @@ async def _first_answer(
                 response = await upstream.open_response(
                     provider=candidate.provider, path=path, body=payload
                 )
-            except httpx.HTTPError as exc:
+            except upstream.UpstreamFailure as exc:
                 waited += time.perf_counter() - started
-                if upstream.is_timeout(exc):
+                if exc.timeout:
                     timeout = UpstreamTimeout("the upstream did not answer in time")
                     timeout.candidate = candidate
                     raise timeout from None
@@ -118,10 +117,10 @@ async def _first_answer(
     raise last
 
 
-async def _refusal(response: httpx.Response) -> UpstreamRefusal:
+async def _refusal(response: upstream.UpstreamResponse) -> UpstreamRefusal:
     try:
         body = await response.aread()
-    except httpx.HTTPError:
+    except upstream.UpstreamFailure:
         body = b""
     finally:
         await response.aclose()

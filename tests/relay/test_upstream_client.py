@@ -1,13 +1,16 @@
-"""`relay.forwarding.open_attempt` over `httpx.MockTransport`: what is retried,
-what falls back, and how failures map to the SPEC's errors."""
+"""`relay.forwarding.open_attempt` against a scripted in-process HTTP server: what
+is retried, what falls back, and how failures map to the SPEC's errors."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 
-import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from django.test import override_settings
 
 from relay import upstream
@@ -16,19 +19,47 @@ from relay.errors import UpstreamError, UpstreamTimeout
 from relay.forwarding import UpstreamRefusal, open_attempt
 from tests.support.servers import free_port
 
-Handler = Callable[[httpx.Request], httpx.Response]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CHAT = {"model": "public", "messages": [{"role": "user", "content": "hi"}]}
 
 
+@dataclass
+class Seen:
+    """What the scripted upstream was sent."""
+
+    path: str
+    headers: dict[str, str]
+    content: bytes
+
+
+@dataclass
+class Upstream:
+    """Answers each request with the next handler; records what it was sent."""
+
+    handlers: list[Handler]
+    url: str = ""
+    requests: list[Seen] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        content = await request.read()
+        self.requests.append(Seen(request.path, dict(request.headers), content))
+        handler = self.handlers[min(len(self.requests), len(self.handlers)) - 1]
+        return await handler(request)
+
+
 def candidate(
-    name: str = "public", *, provider: str = "p1", base_url: str = ""
+    name: str = "public",
+    *,
+    provider: str = "p1",
+    base_url: str = "",
+    timeout_s: float = 5.0,
 ) -> Candidate:
     info = ProviderInfo(
         id=1,
         name=provider,
-        base_url=base_url or f"http://{provider}.invalid/v1",
+        base_url=base_url or f"{UPSTREAM_URL[0]}/{provider}/v1",
         api_key="sk-provider",
-        timeout_s=5.0,
+        timeout_s=timeout_s,
     )
     route = RouteInfo(
         name=name,
@@ -40,35 +71,28 @@ def candidate(
     return Candidate(name, route, route.upstream_model)
 
 
-class Upstream:
-    """Answers each request with the next handler; records what it was sent."""
-
-    def __init__(self, *handlers: Handler) -> None:
-        self.handlers = list(handlers)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        handler = self.handlers[min(len(self.requests), len(self.handlers)) - 1]
-        return handler(request)
-
-    def transport(self) -> type[httpx.AsyncBaseTransport]:
-        answer = self
-
-        class Transport(httpx.MockTransport):
-            def __init__(self) -> None:
-                super().__init__(answer)
-
-        return Transport
+# The scripted server of the running test; the `answer` fixture sets it.
+UPSTREAM_URL = ["http://127.0.0.1:1"]
 
 
 def status(code: int, body: bytes = b"{}", **headers: str) -> Handler:
-    return lambda request: httpx.Response(code, content=body, headers=headers)
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=code, body=body, headers=headers)
+
+    return handler
 
 
-def raises(error: type[httpx.TransportError]) -> Handler:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise error("simulated", request=request)
+async def drop_connection(request: web.Request) -> web.StreamResponse:
+    """The connection dies before any answer: the upstream could not be reached."""
+    assert request.transport is not None
+    request.transport.abort()
+    return web.Response()
+
+
+def slow(seconds: float) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return web.Response(body=b"{}")
 
     return handler
 
@@ -82,14 +106,23 @@ def quick_retries() -> Iterator[None]:
 
 
 @pytest.fixture
-def answer() -> Iterator[Callable[..., Upstream]]:
-    def install(*handlers: Handler) -> Upstream:
-        fake = Upstream(*handlers)
-        upstream.use_transport(fake.transport())
+async def answer() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
+    servers: list[TestServer] = []
+
+    async def install(*handlers: Handler) -> Upstream:
+        fake = Upstream(list(handlers))
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", fake.handle)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        fake.url = UPSTREAM_URL[0] = str(server.make_url("")).rstrip("/")
         return fake
 
     yield install
-    upstream.use_transport(None)
+    await upstream.close_sessions()
+    for server in servers:
+        await server.close()
 
 
 async def attempt(candidates: list[Candidate] | None = None, stream_usage=False):
@@ -102,7 +135,7 @@ async def attempt(candidates: list[Candidate] | None = None, stream_usage=False)
 
 
 async def test_a_503_is_retried_and_the_next_answer_is_used(answer):
-    fake = answer(status(503), status(200, b'{"ok": true}'))
+    fake = await answer(status(503), status(200, b'{"ok": true}'))
 
     result = await attempt()
 
@@ -115,7 +148,7 @@ async def test_a_400_is_handed_back_as_it_came_without_a_retry(answer):
     body = (
         b'{"error": {"message": "bad", "type": "invalid_request_error", "code": "x"}}'
     )
-    fake = answer(status(400, body, **{"content-type": "application/json"}))
+    fake = await answer(status(400, body, **{"content-type": "application/json"}))
 
     with pytest.raises(UpstreamRefusal) as refused:
         await attempt()
@@ -127,7 +160,7 @@ async def test_a_400_is_handed_back_as_it_came_without_a_retry(answer):
 
 
 async def test_a_connect_error_becomes_a_502_after_every_retry(answer):
-    fake = answer(raises(httpx.ConnectError))
+    fake = await answer(drop_connection)
 
     with pytest.raises(UpstreamError) as failed:
         await attempt()
@@ -137,17 +170,17 @@ async def test_a_connect_error_becomes_a_502_after_every_retry(answer):
 
 
 async def test_a_read_timeout_becomes_a_504_without_a_retry(answer):
-    fake = answer(raises(httpx.ReadTimeout), status(200))
+    fake = await answer(slow(2.0), status(200))
 
     with pytest.raises(UpstreamTimeout) as timed_out:
-        await attempt()
+        await attempt([candidate(timeout_s=0.2)])
 
     assert timed_out.value.status == 504 and timed_out.value.code == "upstream_timeout"
     assert len(fake.requests) == 1
 
 
 async def test_a_5xx_that_lasts_becomes_a_502_after_every_retry(answer):
-    fake = answer(status(500))
+    fake = await answer(status(500))
 
     with pytest.raises(UpstreamError) as failed:
         await attempt()
@@ -158,7 +191,7 @@ async def test_a_5xx_that_lasts_becomes_a_502_after_every_retry(answer):
 
 async def test_a_429_that_lasts_is_handed_back_with_its_retry_after(answer):
     body = b'{"error": {"message": "slow down", "code": "rate_limit_exceeded"}}'
-    fake = answer(status(429, body, **{"retry-after": "7"}))
+    fake = await answer(status(429, body, **{"retry-after": "7"}))
 
     with pytest.raises(UpstreamRefusal) as refused:
         await attempt()
@@ -170,7 +203,7 @@ async def test_a_429_that_lasts_is_handed_back_with_its_retry_after(answer):
 
 
 async def test_the_number_of_retries_follows_the_setting(answer):
-    fake = answer(status(502))
+    fake = await answer(status(502))
 
     with override_settings(GATEWAY_UPSTREAM_RETRIES=0), pytest.raises(UpstreamError):
         await attempt()
@@ -179,21 +212,23 @@ async def test_the_number_of_retries_follows_the_setting(answer):
 
 
 async def test_a_failing_candidate_falls_back_to_the_next_one(answer):
-    def by_host(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(500 if request.url.host == "p1.invalid" else 200)
+    async def by_provider(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=500 if request.path.startswith("/p1/") else 200)
 
-    fake = answer(by_host)
+    fake = await answer(by_provider)
     first, second = candidate("main", provider="p1"), candidate("backup", provider="p2")
 
     result = await attempt([first, second])
+    await result.response.aclose()
 
     assert result.candidate == second
-    assert [r.url.host for r in fake.requests] == ["p1.invalid"] * 3 + ["p2.invalid"]
+    providers = [r.path.split("/")[1] for r in fake.requests]
+    assert providers == ["p1"] * 3 + ["p2"]
     assert json.loads(fake.requests[-1].content)["model"] == "backup-upstream"
 
 
 async def test_a_client_error_does_not_fall_back(answer):
-    fake = answer(status(400))
+    fake = await answer(status(400))
 
     with pytest.raises(UpstreamRefusal):
         await attempt([candidate("main", provider="p1"), candidate("b", provider="p2")])
@@ -204,13 +239,13 @@ async def test_a_client_error_does_not_fall_back(answer):
 async def test_the_upstream_gets_its_model_name_the_providers_key_and_usage_asked_for(
     answer,
 ):
-    fake = answer(status(200))
+    fake = await answer(status(200))
 
     await attempt(stream_usage=True)
 
     [sent] = fake.requests
-    assert sent.url == "http://p1.invalid/v1/chat/completions"
-    assert sent.headers["authorization"] == "Bearer sk-provider"
+    assert sent.path == "/p1/v1/chat/completions"
+    assert sent.headers["Authorization"] == "Bearer sk-provider"
     body = json.loads(sent.content)
     assert body["model"] == "public-upstream"
     assert body["stream_options"] == {"include_usage": True}
@@ -218,20 +253,20 @@ async def test_the_upstream_gets_its_model_name_the_providers_key_and_usage_aske
 
 
 async def test_usage_is_not_asked_for_when_not_streaming(answer):
-    fake = answer(status(200))
+    fake = await answer(status(200))
 
     await attempt(stream_usage=False)
 
     assert "stream_options" not in json.loads(fake.requests[0].content)
 
 
-async def test_a_refused_connection_over_the_real_transport_becomes_a_502():
+async def test_a_refused_connection_becomes_a_502_after_every_retry():
     closed = candidate(base_url=f"http://127.0.0.1:{free_port()}/v1")
 
     try:
         with pytest.raises(UpstreamError) as failed:
             await attempt([closed])
     finally:
-        await upstream.close_transports()
+        await upstream.close_sessions()
 
     assert failed.value.status == 502
