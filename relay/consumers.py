@@ -61,7 +61,8 @@ class RelayConsumer(AsyncHttpConsumer):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.scope, self.base_send, self.channel_layer = scope, send, None
         self.client_gone = asyncio.Event()
-        self.response_started = False
+        self._read_deadline: asyncio.Timeout | None = None
+        self.response_started = self.response_finished = False
         self.call = Call(endpoint=self.endpoint, request_id=_request_id(scope))
         self.catalog: Catalog | None = None
         watcher: asyncio.Task[None] | None = None
@@ -123,7 +124,11 @@ class RelayConsumer(AsyncHttpConsumer):
             message = await receive()
             if message["type"] == "http.disconnect":
                 self.client_gone.set()
+                self._start_grace()
                 return
+
+    def _start_grace(self) -> None:
+        """The client left: subclasses bound what they still wait for."""
 
     # --- writing -----------------------------------------------------------------
 
@@ -259,24 +264,32 @@ class ProxiedEndpointConsumer(RelayConsumer):
         await self.send_response(
             response.status_code, content, headers=self.response_headers(content_type)
         )
+        self.response_finished = True
 
     async def _read_whole(self, response: upstream.UpstreamResponse) -> bytes:
-        """The whole answer; once the client is gone, only for the grace period."""
-        reading = asyncio.ensure_future(response.aread())
-        gone = asyncio.ensure_future(self.client_gone.wait())
-        try:
-            await asyncio.wait({reading, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not reading.done():
-                self.call.client_disconnected = True
-                grace = settings.GATEWAY_DISCONNECT_GRACE_S
-                return await asyncio.wait_for(reading, grace)
+        """The whole answer; once the client is gone, only for the grace period.
+
+        No extra task: the disconnect watcher moves this deadline (from never to
+        now + grace) when the client leaves.
+        """
+        async with asyncio.timeout(None) as deadline:
+            self._read_deadline = deadline
             if self.client_gone.is_set():
-                self.call.client_disconnected = True
-            return reading.result()
-        finally:
-            gone.cancel()
-            if not reading.done():
-                reading.cancel()
+                self._start_grace()
+            try:
+                return await response.aread()
+            finally:
+                self._read_deadline = None
+
+    def _start_grace(self) -> None:
+        if self.response_finished:
+            return  # It left after getting everything: not a disconnect.
+        self.call.client_disconnected = True
+        if self._read_deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._read_deadline.reschedule(
+                loop.time() + settings.GATEWAY_DISCONNECT_GRACE_S
+            )
 
     async def relay_stream(
         self,
@@ -308,6 +321,7 @@ class ProxiedEndpointConsumer(RelayConsumer):
                     error_event(failure, "upstream_error"), more_body=True
                 )
             await self.send_body(b"")
+            self.response_finished = True
         if failure is not None:
             self.call.error_code = "upstream_error"
         if not self.call.take_usage(meter.usage, partial=failure is not None):
