@@ -132,6 +132,16 @@ class RelayConsumer(AsyncHttpConsumer):
 
     # --- writing -----------------------------------------------------------------
 
+    async def send_response(  # type: ignore[override]
+        self, status: int, body: bytes, *, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """A whole answer with its length, as providers send them (not chunked)."""
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+        await self.base_send(
+            {"type": "http.response.start", "status": status, "headers": headers}
+        )
+        await self.base_send({"type": "http.response.body", "body": body})
+
     def response_headers(
         self, content_type: bytes = b"application/json"
     ) -> list[tuple[bytes, bytes]]:
