@@ -300,3 +300,10 @@ GATEWAY_DISCONNECT_GRACE_S = env_float("GATEWAY_DISCONNECT_GRACE_S", 5.0)
 GATEWAY_UPSTREAM_RETRIES = env_int("GATEWAY_UPSTREAM_RETRIES", 2)
 GATEWAY_UPSTREAM_RETRY_BACKOFF_S = env_float("GATEWAY_UPSTREAM_RETRY_BACKOFF_S", 0.1)
 GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1000)
+# Output tokens reserved against quotas when neither the request (max_tokens) nor the
+# model (max_output_tokens) says how many it may produce.
+GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS = env_int("GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS", 4096)
+# Redis unreachable: each process enforces this share of request and token rates
+# (set it to the number of web processes); cost budgets are refused instead.
+GATEWAY_QUOTA_FALLBACK_SHARE = env_int("GATEWAY_QUOTA_FALLBACK_SHARE", 1)
+GATEWAY_QUOTA_REDIS_TIMEOUT_S = env_float("GATEWAY_QUOTA_REDIS_TIMEOUT_S", 0.5)

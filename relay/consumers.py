@@ -20,8 +20,9 @@ from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 from django.utils import timezone
 
+from keys.quotas import Reservation
 from keys.selectors import KeyInfo
-from relay import errors, upstream
+from relay import errors, quota_admission, upstream
 from relay.auth import secret_from_headers
 from relay.catalog import Candidate, Catalog
 from relay.forwarding import open_attempt
@@ -65,6 +66,7 @@ class RelayConsumer(AsyncHttpConsumer):
         self.response_started = self.response_finished = False
         self.call = Call(endpoint=self.endpoint, request_id=_request_id(scope))
         self.catalog: Catalog | None = None
+        self.reservation: Reservation | None = None
         watcher: asyncio.Task[None] | None = None
         snapshot.ensure_polling()
         try:
@@ -83,7 +85,9 @@ class RelayConsumer(AsyncHttpConsumer):
         finally:
             if watcher is not None:
                 watcher.cancel()
-            finish(self.call, self.catalog)
+            cost = finish(self.call, self.catalog)
+            if self.reservation is not None:
+                await quota_admission.settle(self.reservation, self.call, cost)
 
     # --- reading -----------------------------------------------------------------
 
@@ -145,11 +149,14 @@ class RelayConsumer(AsyncHttpConsumer):
     def response_headers(
         self, content_type: bytes = b"application/json"
     ) -> list[tuple[bytes, bytes]]:
-        return [
+        headers = [
             (b"content-type", content_type),
             (b"x-request-id", self.call.request_id.encode()),
             (b"x-gateway-overhead-ms", f"{self.call.overhead_ms():.2f}".encode()),
         ]
+        if self.reservation is not None and self.reservation.states:
+            headers += quota_admission.rate_limit_headers(self.reservation.states)
+        return headers
 
     async def send_error(self, exc: errors.RelayError) -> None:
         self.call.status, self.call.error_code = exc.status, exc.code
@@ -184,6 +191,10 @@ class ProxiedEndpointConsumer(RelayConsumer):
             raise errors.MethodNotAllowed("Use POST.", headers={"allow": "POST"})
         request = self.parse(body)
         candidates = await self.route(request)
+        assert self.call.key is not None and self.catalog is not None
+        self.reservation = await quota_admission.admit(
+            self.call.key, self.catalog, request, candidates, endpoint=self.endpoint
+        )
         stream = bool(request.get("stream")) and self.streams
         self.call.stream = stream
         client_wants_usage = bool(

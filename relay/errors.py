@@ -88,6 +88,10 @@ class InsufficientQuota(RelayError):
     status, code, type = 429, "insufficient_quota", "insufficient_quota"
 
 
+class QuotaUnavailable(RelayError):
+    status, code, type = 503, "quota_unavailable", "api_error"
+
+
 class UpstreamError(RelayError):
     status, code, type = 502, "upstream_error", "api_error"
 

@@ -104,8 +104,11 @@ def _cost(call: Call, catalog: Catalog | None) -> tuple[Decimal | None, int | No
     return Decimal(0), None
 
 
-def finish(call: Call, catalog: Catalog | None) -> None:
-    """Record the row (authenticated requests only), count metrics, log the line."""
+def finish(call: Call, catalog: Catalog | None) -> Decimal | None:
+    """Record the row (authenticated requests only), count metrics, log the line.
+
+    Returns the row's cost (None: unpriced).
+    """
     latency_ms = int((time.perf_counter() - call.started) * 1000)
     cost, price_id = _cost(call, catalog)
     if call.key is not None:
@@ -168,3 +171,4 @@ def finish(call: Call, catalog: Catalog | None) -> None:
             "client_disconnected": call.client_disconnected,
         },
     )
+    return cost

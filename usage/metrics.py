@@ -26,6 +26,14 @@ TTFT = Histogram(
 RATE_LIMITED = Counter(
     "gateway_rate_limit_refusals_total", "Requests refused by a quota", ["code"]
 )
+QUOTA_REBUILDS = Counter(
+    "gateway_quota_counter_rebuilds_total",
+    "Quota counters rebuilt from the usage ledger (limiter restarted or flushed)",
+)
+QUOTA_BACKEND_ERRORS = Counter(
+    "gateway_quota_backend_errors_total",
+    "Quota checks or settlements that could not reach Redis",
+)
 AUTH_FAILURES = Counter("gateway_auth_failures_total", "Requests refused for their key")
 OPEN_STREAMS = Gauge("gateway_open_streams", "Streams being relayed right now")
 
