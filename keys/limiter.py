@@ -37,132 +37,158 @@ from usage import metrics
 
 logger = logging.getLogger(__name__)
 
-# KEYS: counters. ARGV: now_ms, reservation id, expire_at_ms, then per counter:
-# limit, amount, window_ms, bucket_ms, ttl_s, init ("-" or "bucket:amount,...").
+# Many reservations in one call, each checked and applied in turn (atomically: a
+# script runs alone). KEYS: every reservation's counters, in order. ARGV: now_ms,
+# count, then per reservation: id, expire_at_ms, n, and per counter: limit, amount,
+# window_ms, bucket_ms, ttl_s, init ("-" or "bucket:amount,..."). Per reservation it
+# returns: status (0 counters missing, 1 reserved, 2 refused), the refused counter,
+# then n values (used; for status 0, 1 where the counter is missing), then n oldest
+# buckets (-1: none).
 RESERVE = """
 local now = tonumber(ARGV[1])
-local res = ARGV[2]
-local expire_at = tonumber(ARGV[3])
-local n = #KEYS
-local missing = {}
-for i = 1, n do
-  local init = ARGV[3 + (i - 1) * 6 + 6]
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    if init == '-' then
-      missing[#missing + 1] = i
-    else
-      redis.call('HSET', KEYS[i], '_', '1')
-      for b, a in string.gmatch(init, '(%-?%d+):(%-?%d+)') do
-        if tonumber(a) ~= 0 then redis.call('HINCRBY', KEYS[i], b, a) end
-      end
-    end
-  end
-end
-if #missing > 0 then
-  table.insert(missing, 1, 0)
-  return missing
-end
-local used, oldest = {}, {}
-for i = 1, n do
-  local base = 3 + (i - 1) * 6
-  local key = KEYS[i]
-  local window = tonumber(ARGV[base + 3])
-  local bucket_ms = tonumber(ARGV[base + 4])
-  local pending, amounts = key .. ':p', key .. ':a'
-  local expired = redis.call('ZRANGEBYSCORE', pending, '-inf', now)
-  for _, r in ipairs(expired) do
-    local v = redis.call('HGET', amounts, r)
-    if v then
-      local b, a = string.match(v, '(%-?%d+):(%-?%d+)')
-      if window == 0 or tonumber(b) + bucket_ms > now - window then
-        redis.call('HINCRBY', key, b, -tonumber(a))
-      end
-      redis.call('HDEL', amounts, r)
-    end
-  end
-  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', pending, '-inf', now) end
-  local total, first = 0, -1
-  local fields = redis.call('HGETALL', key)
-  for j = 1, #fields, 2 do
-    local f = fields[j]
-    if f ~= '_' then
-      local b = tonumber(f)
-      if window == 0 or b + bucket_ms > now - window then
-        local a = tonumber(fields[j + 1])
-        total = total + a
-        if a > 0 and (first == -1 or b < first) then first = b end
+local m = tonumber(ARGV[2])
+local a, k = 3, 1
+local out = {}
+for r = 1, m do
+  local res = ARGV[a]
+  local expire_at = tonumber(ARGV[a + 1])
+  local n = tonumber(ARGV[a + 2])
+  a = a + 3
+  local flags, any_missing = {}, false
+  for i = 0, n - 1 do
+    local key = KEYS[k + i]
+    local init = ARGV[a + i * 6 + 5]
+    flags[i + 1] = 0
+    if redis.call('EXISTS', key) == 0 then
+      if init == '-' then
+        flags[i + 1], any_missing = 1, true
       else
-        redis.call('HDEL', key, f)
+        redis.call('HSET', key, '_', '1')
+        for b, v in string.gmatch(init, '(%-?%d+):(%-?%d+)') do
+          if tonumber(v) ~= 0 then redis.call('HINCRBY', key, b, v) end
+        end
       end
     end
   end
-  used[i], oldest[i] = total, first
-end
-local status = 1
-local refused = 0
-for i = 1, n do
-  local base = 3 + (i - 1) * 6
-  local amount = tonumber(ARGV[base + 2])
-  if amount > 0 and used[i] + amount > tonumber(ARGV[base + 1]) then
-    status, refused = 2, i
-    break
-  end
-end
-if status == 1 then
-  for i = 1, n do
-    local base = 3 + (i - 1) * 6
-    local key = KEYS[i]
-    local amount = tonumber(ARGV[base + 2])
-    local window = tonumber(ARGV[base + 3])
-    local bucket_ms = tonumber(ARGV[base + 4])
-    local ttl = tonumber(ARGV[base + 5])
-    local bucket = 0
-    if window > 0 then bucket = now - (now % bucket_ms) end
-    if amount ~= 0 then redis.call('HINCRBY', key, bucket, amount) end
-    redis.call('ZADD', key .. ':p', expire_at, res)
-    redis.call('HSET', key .. ':a', res, bucket .. ':' .. amount)
-    used[i] = used[i] + amount
-    if oldest[i] == -1 and amount > 0 then oldest[i] = bucket end
-    if ttl > 0 then
-      redis.call('EXPIRE', key, ttl)
-      redis.call('EXPIRE', key .. ':p', ttl)
-      redis.call('EXPIRE', key .. ':a', ttl)
+  if any_missing then
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    for i = 1, n do out[#out + 1] = flags[i] end
+    for i = 1, n do out[#out + 1] = -1 end
+  else
+    local used, oldest = {}, {}
+    for i = 0, n - 1 do
+      local key = KEYS[k + i]
+      local base = a + i * 6
+      local window = tonumber(ARGV[base + 2])
+      local bucket_ms = tonumber(ARGV[base + 3])
+      local pending, amounts = key .. ':p', key .. ':a'
+      local expired = redis.call('ZRANGEBYSCORE', pending, '-inf', now)
+      for _, e in ipairs(expired) do
+        local v = redis.call('HGET', amounts, e)
+        if v then
+          local b, amt = string.match(v, '(%-?%d+):(%-?%d+)')
+          if window == 0 or tonumber(b) + bucket_ms > now - window then
+            redis.call('HINCRBY', key, b, -tonumber(amt))
+          end
+          redis.call('HDEL', amounts, e)
+        end
+      end
+      if #expired > 0 then redis.call('ZREMRANGEBYSCORE', pending, '-inf', now) end
+      local total, first = 0, -1
+      local fields = redis.call('HGETALL', key)
+      for j = 1, #fields, 2 do
+        local f = fields[j]
+        if f ~= '_' then
+          local b = tonumber(f)
+          if window == 0 or b + bucket_ms > now - window then
+            local v = tonumber(fields[j + 1])
+            total = total + v
+            if v > 0 and (first == -1 or b < first) then first = b end
+          else
+            redis.call('HDEL', key, f)
+          end
+        end
+      end
+      used[i + 1], oldest[i + 1] = total, first
     end
+    local status, refused = 1, 0
+    for i = 0, n - 1 do
+      local amount = tonumber(ARGV[a + i * 6 + 1])
+      if amount > 0 and used[i + 1] + amount > tonumber(ARGV[a + i * 6]) then
+        status, refused = 2, i + 1
+        break
+      end
+    end
+    if status == 1 then
+      for i = 0, n - 1 do
+        local key = KEYS[k + i]
+        local base = a + i * 6
+        local amount = tonumber(ARGV[base + 1])
+        local window = tonumber(ARGV[base + 2])
+        local bucket_ms = tonumber(ARGV[base + 3])
+        local ttl = tonumber(ARGV[base + 4])
+        local bucket = 0
+        if window > 0 then bucket = now - (now % bucket_ms) end
+        if amount ~= 0 then redis.call('HINCRBY', key, bucket, amount) end
+        redis.call('ZADD', key .. ':p', expire_at, res)
+        redis.call('HSET', key .. ':a', res, bucket .. ':' .. amount)
+        used[i + 1] = used[i + 1] + amount
+        if oldest[i + 1] == -1 and amount > 0 then oldest[i + 1] = bucket end
+        if ttl > 0 then
+          redis.call('EXPIRE', key, ttl)
+          redis.call('EXPIRE', key .. ':p', ttl)
+          redis.call('EXPIRE', key .. ':a', ttl)
+        end
+      end
+    end
+    out[#out + 1] = status
+    out[#out + 1] = refused
+    for i = 1, n do out[#out + 1] = used[i] end
+    for i = 1, n do out[#out + 1] = oldest[i] end
   end
+  a = a + n * 6
+  k = k + n
 end
-local out = {status, refused}
-for i = 1, n do out[#out + 1] = used[i] end
-for i = 1, n do out[#out + 1] = oldest[i] end
 return out
 """
 
-# KEYS: counters. ARGV: reservation id, now_ms, then per counter:
-# bucket, actual amount, window_ms, bucket_ms.
+# Many settlements in one call. KEYS: every reservation's counters, in order. ARGV:
+# now_ms, count, then per reservation: id, n, and per counter: bucket, actual amount,
+# window_ms, bucket_ms.
 SETTLE = """
-local res = ARGV[1]
-local now = tonumber(ARGV[2])
-for i = 1, #KEYS do
-  local base = 2 + (i - 1) * 4
-  local key = KEYS[i]
-  local bucket = ARGV[base + 1]
-  local actual = tonumber(ARGV[base + 2])
-  local window = tonumber(ARGV[base + 3])
-  local bucket_ms = tonumber(ARGV[base + 4])
-  local live = window == 0 or tonumber(bucket) + bucket_ms > now - window
-  local v = redis.call('HGET', key .. ':a', res)
-  if v then
-    local b, a = string.match(v, '(%-?%d+):(%-?%d+)')
-    redis.call('HDEL', key .. ':a', res)
-    redis.call('ZREM', key .. ':p', res)
-    if actual ~= tonumber(a) and live and redis.call('EXISTS', key) == 1 then
-      redis.call('HINCRBY', key, b, actual - tonumber(a))
+local now = tonumber(ARGV[1])
+local m = tonumber(ARGV[2])
+local a, k = 3, 1
+for r = 1, m do
+  local res = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  a = a + 2
+  for i = 0, n - 1 do
+    local key = KEYS[k + i]
+    local base = a + i * 4
+    local bucket = ARGV[base]
+    local actual = tonumber(ARGV[base + 1])
+    local window = tonumber(ARGV[base + 2])
+    local bucket_ms = tonumber(ARGV[base + 3])
+    local live = window == 0 or tonumber(bucket) + bucket_ms > now - window
+    local v = redis.call('HGET', key .. ':a', res)
+    if v then
+      local b, amt = string.match(v, '(%-?%d+):(%-?%d+)')
+      redis.call('HDEL', key .. ':a', res)
+      redis.call('ZREM', key .. ':p', res)
+      if actual ~= tonumber(amt) and live and redis.call('EXISTS', key) == 1 then
+        redis.call('HINCRBY', key, b, actual - tonumber(amt))
+      end
+    elseif actual ~= 0 and live and redis.call('EXISTS', key) == 1 then
+      -- The reservation expired, or the counter was rebuilt: count what was spent.
+      redis.call('HINCRBY', key, bucket, actual)
     end
-  elseif actual ~= 0 and live and redis.call('EXISTS', key) == 1 then
-    -- The reservation expired, or the counter was rebuilt: count what was spent.
-    redis.call('HINCRBY', key, bucket, actual)
   end
+  a = a + n * 4
+  k = k + n
 end
-return 1
+return m
 """
 
 # KEYS: counters. ARGV: now_ms, then window_ms, bucket_ms per counter. Read-only.
@@ -317,14 +343,33 @@ class LocalLimiter:
         self._expires.clear()
 
 
+class _Batch:
+    """Calls made during one event-loop iteration, sent to Redis as one script call."""
+
+    def __init__(self, now_ms: int) -> None:
+        self.now_ms = (
+            now_ms  # The clock of the first call; calls of one batch share it.
+        )
+        self.keys: list[str] = []
+        self.args: list[Any] = []
+        self.waiters: list[tuple[int, asyncio.Future[list[Any]]]] = []
+
+
 class Limiter:
-    """Reserve and settle, on Redis when configured, else in this process."""
+    """Reserve and settle, on Redis when configured, else in this process.
+
+    With Redis, every reservation made in one event-loop iteration goes to Redis in
+    one script call (and likewise settlements): one round trip per request at most,
+    shared under load, and no waiting (the batch is sent when the iteration ends).
+    """
 
     def __init__(self) -> None:
         self.local = LocalLimiter()
         # Used when Redis is down: rates get a per-process share of their limits.
         self.fallback = LocalLimiter()
         self._clients: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._reserves: _Batch | None = None
+        self._settles: _Batch | None = None
 
     def _redis(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -332,16 +377,65 @@ class Limiter:
         if client is None:
             import redis.asyncio as aioredis
 
+            # No socket_timeout: redis-py would wrap every send in a task
+            # (asyncio.wait_for); calls are bounded with asyncio.timeout instead.
             client = aioredis.Redis.from_url(
                 settings.REDIS_URL,
-                socket_timeout=settings.GATEWAY_QUOTA_REDIS_TIMEOUT_S,
                 socket_connect_timeout=settings.GATEWAY_QUOTA_REDIS_TIMEOUT_S,
             )
             client.gw_reserve = client.register_script(RESERVE)
             client.gw_settle = client.register_script(SETTLE)
             client.gw_peek = client.register_script(PEEK)
             self._clients = {loop: client}
+            self._reserves = self._settles = None
         return client
+
+    async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        client = self._redis()
+        async with asyncio.timeout(settings.GATEWAY_QUOTA_REDIS_TIMEOUT_S):
+            return await getattr(client, script)(keys=keys, args=args)
+
+    def _enqueue(
+        self, kind: str, keys: list[str], args: list[Any], width: int, now: datetime
+    ) -> asyncio.Future[list[Any]]:
+        """Add one call to this iteration's batch; resolves to its slice of the reply."""
+        loop = asyncio.get_running_loop()
+        self._redis()
+        batch = self._reserves if kind == "gw_reserve" else self._settles
+        if batch is None:
+            batch = _Batch(int(now.timestamp() * 1000))
+            if kind == "gw_reserve":
+                self._reserves = batch
+            else:
+                self._settles = batch
+            loop.call_soon(self._send, kind, batch)
+        waiter: asyncio.Future[list[Any]] = loop.create_future()
+        batch.keys += keys
+        batch.args += args
+        batch.waiters.append((width, waiter))
+        return waiter
+
+    def _send(self, kind: str, batch: _Batch) -> None:
+        if kind == "gw_reserve":
+            self._reserves = None
+        else:
+            self._settles = None
+        asyncio.get_running_loop().create_task(self._deliver(kind, batch))
+
+    async def _deliver(self, kind: str, batch: _Batch) -> None:
+        args = [batch.now_ms, len(batch.waiters), *batch.args]
+        try:
+            reply = await self._call(kind, batch.keys, args)
+        except Exception as exc:
+            for _, waiter in batch.waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        offset = 0
+        for width, waiter in batch.waiters:
+            if not waiter.done():
+                waiter.set_result(list(reply[offset : offset + width]) if width else [])
+            offset += width
 
     async def reserve(
         self, counters: list[Counter], demand: Demand, now: datetime, ttl_ms: int
@@ -358,33 +452,43 @@ class Limiter:
                 return await self._reserve_without_redis(reservation, now, ttl_ms, exc)
         return await self._reserve_local(self.local, reservation, now, ttl_ms, share=1)
 
+    def _reserve_args(
+        self, reservation: Reservation, now: datetime, ttl_ms: int, inits: list[str]
+    ) -> list[Any]:
+        now_ms_ = int(now.timestamp() * 1000)
+        args: list[Any] = [reservation.id, now_ms_ + ttl_ms, len(reservation.counters)]
+        for i, counter in enumerate(reservation.counters):
+            args += [
+                counter.limit,
+                reservation.amounts[i],
+                counter.window_ms,
+                counter.bucket_ms,
+                counter.ttl_s(now),
+                inits[i],
+            ]
+        return args
+
     async def _reserve_redis(
         self, reservation: Reservation, now: datetime, ttl_ms: int
     ) -> Reservation:
-        client = self._redis()
         counters = reservation.counters
-        now_ms_ = int(now.timestamp() * 1000)
-        inits = ["-"] * len(counters)
+        n = len(counters)
+        inits = ["-"] * n
         for _ in range(2):
-            args: list[Any] = [now_ms_, reservation.id, now_ms_ + ttl_ms]
-            for i, counter in enumerate(counters):
-                args += [
-                    counter.limit,
-                    reservation.amounts[i],
-                    counter.window_ms,
-                    counter.bucket_ms,
-                    counter.ttl_s(now),
-                    inits[i],
-                ]
-            result = await client.gw_reserve(keys=[c.name for c in counters], args=args)
+            args = self._reserve_args(reservation, now, ttl_ms, inits)
+            keys = [c.name for c in counters]
+            result = await self._enqueue("gw_reserve", keys, args, 2 + 2 * n, now)
             if result[0] == 0:  # Counters Redis does not have: rebuild them.
-                lost = [counters[i - 1] for i in result[1:]]
+                lost = [
+                    c
+                    for c, flag in zip(counters, result[2 : 2 + n], strict=True)
+                    if flag
+                ]
                 metrics.QUOTA_REBUILDS.inc(len(lost))
                 spent = await database_sync_to_async(quota_ledger.spent_many)(lost, now)
                 for counter, amounts in zip(lost, spent, strict=True):
                     inits[counters.index(counter)] = _init_arg(amounts)
                 continue
-            n = len(counters)
             used, oldest = result[2 : 2 + n], result[2 + n : 2 + 2 * n]
             return self._outcome(
                 reservation, result[0] == 1, int(result[1]) - 1, used, oldest, now
@@ -458,7 +562,7 @@ class Limiter:
         if reservation.local is not None:
             reservation.local.settle_now(reservation, actual, now)
             return
-        args: list[Any] = [reservation.id, int(now.timestamp() * 1000)]
+        args: list[Any] = [reservation.id, len(reservation.counters)]
         for i, counter in enumerate(reservation.counters):
             args += [
                 reservation.buckets[i],
@@ -467,10 +571,8 @@ class Limiter:
                 counter.bucket_ms,
             ]
         try:
-            client = self._redis()
-            await client.gw_settle(
-                keys=[c.name for c in reservation.counters], args=args
-            )
+            keys = [c.name for c in reservation.counters]
+            await self._enqueue("gw_settle", keys, args, 0, now)
         except Exception:
             # The reservation expires on its own; the ledger rebuilds what is lost.
             metrics.QUOTA_BACKEND_ERRORS.inc()
@@ -485,7 +587,7 @@ class Limiter:
         args: list[Any] = [int(now.timestamp() * 1000)]
         for counter in counters:
             args += [counter.window_ms, counter.bucket_ms]
-        raw = await self._redis().gw_peek(keys=[c.name for c in counters], args=args)
+        raw = await self._call("gw_peek", [c.name for c in counters], args)
         return [
             (bool(raw[i]), int(raw[i + 1]), int(raw[i + 2]))
             for i in range(0, len(raw), 3)
