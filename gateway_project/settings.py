@@ -177,6 +177,7 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     "rollup-recent-days": {"task": "usage.tasks.rollup_recent_days", "schedule": 300.0},
     "flush-orphaned-usage": {"task": "usage.tasks.flush_usage", "schedule": 60.0},
+    "prune-usage": {"task": "usage.tasks.prune_usage", "schedule": 3600.0},
 }
 
 # --- Auth, i18n, static ---------------------------------------------------------------
@@ -294,6 +295,16 @@ GATEWAY_USAGE_SPOOL_DIR = Path(
 )
 GATEWAY_USAGE_FLUSH_INTERVAL_S = env_float("GATEWAY_USAGE_FLUSH_INTERVAL_S", 0.2)
 GATEWAY_USAGE_BATCH_SIZE = env_int("GATEWAY_USAGE_BATCH_SIZE", 500)
+# Recent billing days each report read checks against the ledger and rebuilds
+# when rows arrived since: fresh reports without beat (0 turns it off).
+GATEWAY_REPORTS_LIVE_DAYS = env_int("GATEWAY_REPORTS_LIVE_DAYS", 7)
+# Ledger rows older than this many billing days are pruned (0: kept forever);
+# rollups keep their totals.
+GATEWAY_USAGE_RETENTION_DAYS = env_int("GATEWAY_USAGE_RETENTION_DAYS", 0)
+GATEWAY_USAGE_PRUNE_BATCH_SIZE = env_int("GATEWAY_USAGE_PRUNE_BATCH_SIZE", 5000)
+# Prefix of every Redis key the gateway writes; default: derived from the database,
+# so deployments (and test runs) sharing one Redis never mix their counters.
+GATEWAY_REDIS_NAMESPACE = env_str("GATEWAY_REDIS_NAMESPACE", "")
 # After a client disconnects mid-stream, how long to keep reading the upstream for usage.
 GATEWAY_DISCONNECT_GRACE_S = env_float("GATEWAY_DISCONNECT_GRACE_S", 5.0)
 # Retries of connect errors, 429 and 5xx, before the first byte reaches the client.

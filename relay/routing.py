@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from relay import consumers
+from relay.key_usage import KeyUsageConsumer
 
 MODEL_PATH_PREFIX = "/v1/models/"
 
@@ -18,6 +19,7 @@ ROUTES: dict[str, Any] = {
     "/v1/embeddings": consumers.EmbeddingsConsumer.as_asgi(),
     "/v1/responses": consumers.ResponsesConsumer.as_asgi(),
     "/v1/models": consumers.ModelsConsumer.as_asgi(),
+    "/v1/usage": KeyUsageConsumer.as_asgi(),
 }
 _model_by_id = consumers.ModelsConsumer.as_asgi()
 _not_found = consumers.NotFoundConsumer.as_asgi()

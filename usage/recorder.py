@@ -279,6 +279,14 @@ class Recorder:
         ):
             self._wake.set()
 
+    def start(self) -> None:
+        """Run the flusher now (at server start), so spooled rows a previous process
+        left are written before the first request."""
+        self._ensure_flusher()
+        if self._wake is not None:
+            self._orphans_checked = float("-inf")
+            self._wake.set()
+
     def _ensure_flusher(self) -> None:
         try:
             loop = asyncio.get_running_loop()
