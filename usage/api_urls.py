@@ -1,7 +1,16 @@
-"""REST routes of usage/: usage/, reports/daily/ (filled in by the finance work)."""
+"""REST routes of usage/: usage/ (the ledger) and reports/daily/ (the rollups)."""
 
 from __future__ import annotations
 
-from django.urls import URLPattern, URLResolver
+from django.urls import URLPattern, URLResolver, path
+from rest_framework.routers import SimpleRouter
 
-urlpatterns: list[URLPattern | URLResolver] = []
+from usage.api import DailyReportView, UsageViewSet
+
+router = SimpleRouter()
+router.register("usage", UsageViewSet, basename="usage")
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    *router.urls,
+    path("reports/daily/", DailyReportView.as_view(), name="reports-daily"),
+]
