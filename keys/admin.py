@@ -1,8 +1,13 @@
-"""Admin for API keys, teams and their quotas.
+"""Admin for API keys, teams, their quotas and the keys' audit trail.
 
-Every write goes through `keys.services`, or ends with `config_changed()` where the
-admin writes rows itself (quota inlines): each web process caches keys and quotas
-and reloads them only when the configuration generation moves.
+Every write goes through `keys.services`, quotas included: the quota inline is
+validated here but written by the service, in the same call (and the same audited
+event) as the key's own fields. Each web process caches keys and quotas and reloads
+them when a service moves the configuration generation.
+
+The key list stays fast at 100k keys: spend, last use and quota use are computed
+for the rows of the page only (`keys.selectors.key_page_stats`, `quota_uses`), in
+a fixed number of queries, and the list never counts the whole table twice.
 
 A key's secret appears on exactly one page, the response to issuing or rotating it.
 It travels there on the request object: never through `messages`, the session or a
@@ -11,34 +16,42 @@ cookie, which would store it, and never on the ModelAdmin, which every request s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models import Count, OuterRef, Q, QuerySet, Subquery, Sum
-from django.forms import BaseFormSet, ModelForm
+from django.db.models import Count, Prefetch, Q, QuerySet
+from django.forms import BaseFormSet, BaseInlineFormSet, ModelForm
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import formats, timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
+from keys.audit import limit_text, summarize
+from keys.dashboard import admin_dashboard
 from keys.forms import ApiKeyForm, RotateKeyForm
-from keys.models import ApiKey, Quota, Team
+from keys.models import ApiKey, KeyEvent, Quota, Team
 from keys.secrets import SECRET_PREFIX
+from keys.selectors import QuotaUse, key_events, key_page_stats, quota_uses
 from keys.services import (
-    config_changed,
+    QuotaSpec,
     issue_key,
     revoke_key,
+    revoke_keys,
     rotate_key,
     set_key_limits,
+    update_team,
     upsert_team,
 )
-from usage.models import UsageRow
-from usage.rollups import billing_zone
+from usage.admin import BoundedCountPaginator, InputFilter
+
+VIA = KeyEvent.Via.ADMIN
 
 ISSUED_ATTR = "_gateway_issued_secret"  # the request attribute that carries it
 
@@ -61,16 +74,47 @@ def moment(value: datetime) -> str:
     return formats.localize(timezone.template_localtime(value))
 
 
-def month_start() -> datetime:
-    """Midnight on the first of this month, in the billing time zone."""
-    now = timezone.now().astimezone(billing_zone())
-    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+class QuotaFormSet(BaseInlineFormSet):
+    def clean(self) -> None:
+        super().clean()
+        seen = set()
+        for spec in quota_specs_of(self):
+            if (spec.metric, spec.period) in seen:
+                raise ValidationError(
+                    f"Two quotas for {spec.metric} per {spec.period}: keep one."
+                )
+            seen.add((spec.metric, spec.period))
+
+
+def quota_specs_of(formset: BaseFormSet) -> list[QuotaSpec]:
+    """The quotas a valid inline formset asks for: its rows, less deleted or empty ones."""
+    specs = []
+    for form in formset.forms:
+        data = getattr(form, "cleaned_data", None) or {}
+        if data.get("DELETE") or not data.get("metric") or data.get("limit") is None:
+            continue
+        specs.append(QuotaSpec(data["metric"], data["period"], data["limit"]))
+    return specs
+
+
+def save_quota_inline(formsets: Sequence[BaseFormSet]) -> list[QuotaSpec] | None:
+    """The quota inline's rows as specs, for a service to write; None without one.
+
+    `save(commit=False)` writes nothing: it only lists the new, changed and deleted
+    rows, which Django's change message (the object's history) describes.
+    """
+    for formset in formsets:
+        if formset.model is Quota:
+            formset.save(commit=False)
+            return quota_specs_of(formset)
+    return None
 
 
 class QuotaInline(admin.TabularInline):
-    """Quotas of a key or a team; the parent's admin calls `config_changed()` after."""
+    """Quotas of a key or a team; written by the parent admin through a service."""
 
     model = Quota
+    formset = QuotaFormSet
     fields = ["metric", "period", "limit"]
     extra = 0
     verbose_name_plural = "quotas (limit in requests, tokens or USD)"
@@ -101,6 +145,58 @@ class StatusFilter(admin.SimpleListFilter):
         return queryset
 
 
+class KeyChangeList(ChangeList):
+    """Adds spend, last use and quota use to the page's keys, in a fixed number of
+    queries whatever the page size (instead of one per row or per quota)."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        attach_stats(list(self.result_list))
+
+
+def attach_stats(keys: Sequence[ApiKey]) -> None:
+    """Set `spend_usd`, `last_used_at` and `quota_uses` on these keys.
+
+    Expects the keys' quotas and their team's quotas prefetched (`get_queryset`).
+    """
+    now = timezone.now()
+    stats = key_page_stats([key.pk for key in keys], now)
+    uses = quota_uses(
+        [
+            (
+                key.pk,
+                key.team_id,
+                list(key.quotas.all()),
+                list(key.team.quotas.all()) if key.team is not None else [],
+            )
+            for key in keys
+        ],
+        now,
+    )
+    for key in keys:
+        found = stats.get(key.pk, {})
+        key.spend_usd = found.get("spend_usd", Decimal(0))  # type: ignore[attr-defined]
+        key.last_used_at = found.get("last_used_at")  # type: ignore[attr-defined]
+        key.quota_uses = uses.get(key.pk, [])  # type: ignore[attr-defined]
+
+
+SHORT_METRIC = {"requests": "req", "tokens": "tok", "cost_usd": "USD"}
+SHORT_PERIOD = {"minute": "min", "hour": "hour", "day": "day", "month": "month"}
+
+
+def describe_use(use: QuotaUse) -> str:
+    """`req/min 6 / 60`, `team USD/month 0.1500 / 50`: short enough for a list cell."""
+    scope = "team " if use.scope == "team" else ""
+    metric = SHORT_METRIC.get(use.metric, use.metric)
+    period = SHORT_PERIOD.get(use.period, use.period)
+    used = (
+        f"{use.used:.4f}"
+        if use.metric == Quota.Metric.COST_USD
+        else limit_text(use.used)
+    )
+    return f"{scope}{metric}/{period} {used} / {limit_text(use.limit)}"
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     form = ApiKeyForm
@@ -113,15 +209,20 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "owner",
         "spend_this_month",
         "last_used",
+        "quota_use",
         "expires_at",
         "created_at",
     ]
     list_select_related = ["team", "owner"]
     list_filter = [StatusFilter, "team"]
+    # Server-side search: name and prefix (a pasted secret prefix is an exact match,
+    # see get_search_results), and the owner's username.
     search_fields = ["name", "prefix", "owner__username"]
     search_help_text = "Name, prefix (or a pasted sk-gw-XXXXXXXX-…) or owner."
     autocomplete_fields = ["owner", "team"]
     actions = ["revoke_selected", "rotate_selected"]
+    # The filtered count is enough; a second COUNT(*) of every key is not needed.
+    show_full_result_count = False
     add_fieldsets = [
         (None, {"fields": ["name", "owner", "team"]}),
         (
@@ -149,33 +250,40 @@ class ApiKeyAdmin(admin.ModelAdmin):
                 "revoked_by",
                 "spend_this_month",
                 "last_used",
+                "quota_use",
                 "usage_link",
                 "created_at",
                 "created_by",
             ]
         },
     )
+    audit_fieldset = ("Audit trail", {"fields": ["audit_trail"]})
 
     # --- reads -----------------------------------------------------------------
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
-        # Correlated subqueries served by the (key, created_at) index: evaluated
-        # only for the page's rows, never one query per row.
-        usage = UsageRow.objects.filter(key=OuterRef("pk")).order_by()
-        spend = (
-            usage.filter(created_at__gte=month_start())
-            .values("key")
-            .annotate(total=Sum("cost_usd"))
-            .values("total")
-        )
-        last = usage.order_by("-created_at").values("created_at")[:1]
+        ordered = Quota.objects.order_by("metric", "period")
         return (
             super()
             .get_queryset(request)
             # Never even loaded into an admin page.
             .defer("secret_hash", "previous_secret_hash")
-            .annotate(spend_usd=Subquery(spend), last_used_at=Subquery(last))
+            .prefetch_related(
+                Prefetch("quotas", queryset=ordered),
+                Prefetch("team__quotas", queryset=ordered),
+            )
         )
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return KeyChangeList
+
+    def get_object(
+        self, request: HttpRequest, object_id: str, from_field: str | None = None
+    ) -> ApiKey | None:
+        key = super().get_object(request, object_id, from_field)
+        if key is not None:
+            attach_stats([key])
+        return key
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[ApiKey], search_term: str
@@ -190,12 +298,14 @@ class ApiKeyAdmin(admin.ModelAdmin):
     ) -> list[tuple[str | None, dict[str, Any]]]:
         if obj is None:
             return self.add_fieldsets
-        return [*self.add_fieldsets, self.status_fieldset]
+        return [*self.add_fieldsets, self.status_fieldset, self.audit_fieldset]
 
     def get_readonly_fields(
         self, request: HttpRequest, obj: ApiKey | None = None
     ) -> list[str]:
-        return [] if obj is None else list(self.status_fieldset[1]["fields"])
+        if obj is None:
+            return []
+        return [*self.status_fieldset[1]["fields"], *self.audit_fieldset[1]["fields"]]
 
     def has_delete_permission(
         self, request: HttpRequest, obj: ApiKey | None = None
@@ -211,15 +321,65 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def status_label(self, obj: ApiKey) -> str:
         return obj.status().label
 
-    @admin.display(description="spend this month (USD)", ordering="spend_usd")
+    # Spend and last use are not sortable: sorting 100k keys by them would compute
+    # them for every key. The index page ranks the top keys by spend instead.
+    @admin.display(description="spend this month (USD)")
     def spend_this_month(self, obj: ApiKey) -> str:
         spend = getattr(obj, "spend_usd", None) or Decimal(0)
         return f"{spend:.4f}"
 
-    @admin.display(description="last used", ordering="last_used_at")
+    @admin.display(description="last used")
     def last_used(self, obj: ApiKey) -> str:
         used = getattr(obj, "last_used_at", None)
         return moment(used) if used is not None else "never"
+
+    @admin.display(description="quota use")
+    def quota_use(self, obj: ApiKey) -> str:
+        uses: list[QuotaUse] = getattr(obj, "quota_uses", [])
+        if not uses:
+            return "—"
+        # A quota at or over its limit stands out.
+        lines = (
+            format_html(
+                "<div><strong>{}</strong></div>"
+                if use.used >= use.limit
+                else "<div>{}</div>",
+                describe_use(use),
+            )
+            for use in uses
+        )
+        return format_html_join("", "{}", ((line,) for line in lines))
+
+    @admin.display(description="events (newest first)")
+    def audit_trail(self, obj: ApiKey) -> str:
+        events = list(key_events(obj)[: self.TRAIL_SHOWN])
+        if not events:
+            return "—"
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    moment(event.at),
+                    event.get_action_display(),
+                    event.actor_name or "—",
+                    event.get_via_display(),
+                    summarize(event),
+                )
+                for event in events
+            ),
+        )
+        url = reverse("admin:keys_keyevent_changelist")
+        return format_html(
+            "<table><thead><tr><th>when</th><th>what</th><th>who</th><th>via</th>"
+            "<th>details</th></tr></thead><tbody>{}</tbody></table>"
+            '<p><a href="{}?key={}">Every event of this key</a></p>',
+            rows,
+            url,
+            obj.pk,
+        )
+
+    TRAIL_SHOWN = 20
 
     @admin.display(description="previous secret valid until")
     def rotation_grace(self, obj: ApiKey) -> str:
@@ -238,18 +398,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def save_model(
         self, request: HttpRequest, obj: ApiKey, form: ApiKeyForm, change: bool
     ) -> None:
-        if change:
-            fields = form.limit_fields()
-            if fields:
-                set_key_limits(key=obj, **fields)
-            return
-        issued = issue_key(**form.issue_fields(), by=request.user)
-        # Inlines, the history entry and the redirect must use the row the service
-        # created, not the unsaved instance the form built.
-        obj.pk = issued.key.pk
-        obj.refresh_from_db()
-        obj._state.adding = False
-        setattr(request, ISSUED_ATTR, issued.secret)
+        # Written in save_related, where the quota inline is at hand: one service
+        # call (and one audited event) covers the key's fields and its quotas.
+        pass
 
     def save_related(
         self,
@@ -258,8 +409,23 @@ class ApiKeyAdmin(admin.ModelAdmin):
         formsets: list[BaseFormSet],
         change: bool,
     ) -> None:
-        super().save_related(request, form, formsets, change)
-        config_changed()  # the quota inline wrote rows itself
+        assert isinstance(form, ApiKeyForm)
+        quotas = save_quota_inline(formsets)
+        key = form.instance
+        if change:
+            set_key_limits(
+                key=key, quotas=quotas, by=request.user, via=VIA, **form.limit_fields()
+            )
+            return
+        issued = issue_key(
+            **form.issue_fields(), quotas=quotas or (), by=request.user, via=VIA
+        )
+        # The history entry and the redirect must use the row the service created,
+        # not the unsaved instance the form built.
+        key.pk = issued.key.pk
+        key.refresh_from_db()
+        key._state.adding = False
+        setattr(request, ISSUED_ATTR, issued.secret)
 
     def response_add(
         self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None
@@ -313,10 +479,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
         # Django's own delete action does.
         if request.POST.get("post") != "yes":
             return self.revoke_confirmation(request, keys, action="revoke_selected")
-        for key in keys:
-            revoke_key(key=key, by=request.user)
+        revoked = revoke_keys(keys=keys, by=request.user, via=VIA)
+        for key in revoked:
             self.log_change(request, key, "Revoked.")
-        self.message_user(request, f"Revoked {len(keys)} key(s).", messages.SUCCESS)
+        self.message_user(request, f"Revoked {len(revoked)} key(s).", messages.SUCCESS)
         return None
 
     @admin.action(description="Rotate the selected key…", permissions=["change"])
@@ -345,6 +511,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
                     key=key,
                     grace_seconds=form.cleaned_data["grace_seconds"],
                     by=request.user,
+                    via=VIA,
                 )
             except ValidationError as exc:
                 self.message_user(request, " ".join(exc.messages), messages.ERROR)
@@ -370,8 +537,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
             raise PermissionDenied
         if request.method != "POST":
             return self.revoke_confirmation(request, [key], action=None)
-        if key.revoked_at is None:
-            revoke_key(key=key, by=request.user)
+        if revoke_key(key=key, by=request.user, via=VIA):
             self.log_change(request, key, "Revoked.")
         self.message_user(request, f"Revoked {key}.", messages.SUCCESS)
         return HttpResponseRedirect(self.change_url(key))
@@ -421,15 +587,8 @@ class TeamAdmin(admin.ModelAdmin):
     def save_model(
         self, request: HttpRequest, obj: Team, form: ModelForm, change: bool
     ) -> None:
-        if change:
-            # A rename: nothing cached refers to a team by name, so no service is
-            # needed; the quota inline's writes bump the generation in save_related.
-            obj.save(update_fields=["name"])
-            return
-        team = upsert_team(name=form.cleaned_data["name"])
-        obj.pk = team.pk
-        obj.refresh_from_db()
-        obj._state.adding = False
+        # Written in save_related, with the quota inline, by one service call.
+        pass
 
     def save_related(
         self,
@@ -438,5 +597,99 @@ class TeamAdmin(admin.ModelAdmin):
         formsets: list[BaseFormSet],
         change: bool,
     ) -> None:
-        super().save_related(request, form, formsets, change)
-        config_changed()  # team quotas are part of every member key's snapshot
+        quotas = save_quota_inline(formsets)
+        team = form.instance
+        if change:
+            update_team(team=team, name=form.cleaned_data["name"], quotas=quotas)
+            return
+        created = upsert_team(name=form.cleaned_data["name"], quotas=quotas)
+        team.pk = created.pk
+        team.refresh_from_db()
+        team._state.adding = False
+
+
+class EventKeyFilter(InputFilter):
+    title = "key"
+    parameter_name = "key"
+    placeholder = "key id, prefix or sk-gw-XXXXXXXX-…"
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = (self.value() or "").strip()
+        if not value:
+            return queryset
+        prefix = prefix_in(value) or value
+        match = Q(prefix=prefix) | Q(previous_prefix=prefix)
+        if value.isdigit():
+            match |= Q(pk=int(value))
+        return queryset.filter(key_id__in=ApiKey.objects.filter(match).values("pk"))
+
+
+@admin.register(KeyEvent)
+class KeyEventAdmin(admin.ModelAdmin):
+    """The audit trail: read-only, newest first; written only by `keys.services`."""
+
+    list_display = ["at", "key_column", "action", "actor_column", "via", "summary"]
+    list_filter = [EventKeyFilter, "action", "via"]
+    list_select_related = ["key"]
+    search_fields = ["actor_name"]
+    search_help_text = "Username of whoever acted."
+    fields = ["at", "key_column", "action", "actor_column", "via", "summary", "details"]
+    readonly_fields = fields
+    actions = None
+    show_full_result_count = False
+    paginator = BoundedCountPaginator
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(
+        self, request: HttpRequest, obj: KeyEvent | None = None
+    ) -> bool:
+        return False
+
+    def has_delete_permission(
+        self, request: HttpRequest, obj: KeyEvent | None = None
+    ) -> bool:
+        return False
+
+    @admin.display(description="key", ordering="key_id")
+    def key_column(self, obj: KeyEvent) -> str:
+        url = reverse("admin:keys_apikey_change", args=[obj.key_id])
+        return format_html(
+            '<a href="{}">{} ({})</a>', url, obj.key.name, masked(obj.key.prefix)
+        )
+
+    @admin.display(description="who", ordering="actor_name")
+    def actor_column(self, obj: KeyEvent) -> str:
+        return obj.actor_name or "—"
+
+    @admin.display(description="details")
+    def summary(self, obj: KeyEvent) -> str:
+        return summarize(obj)
+
+
+# --- the index page ------------------------------------------------------------------
+
+_site_index = admin.site.index
+
+
+def index_with_dashboard(
+    request: HttpRequest, extra_context: dict[str, Any] | None = None
+) -> TemplateResponse:
+    """Django's admin index, with the gateway's numbers above the app list.
+
+    Spend and models for users who may read usage; top keys only for those who may
+    also see keys (finance never sees a key, not even on this page).
+    """
+    user = request.user
+    context: dict[str, Any] = {}
+    if user.has_perm("usage.view_usagerow") or user.has_perm("usage.view_dailyrollup"):
+        context["gateway_dashboard"] = admin_dashboard(
+            with_keys=user.has_perm("keys.view_apikey")
+        )
+    return _site_index(request, {**context, **(extra_context or {})})
+
+
+# The default site's URLs are built on first use, after this module is imported by
+# autodiscover, so they route to this wrapper.
+admin.site.index = index_with_dashboard  # type: ignore[method-assign]

@@ -10,6 +10,7 @@ from django import forms
 from django.core.exceptions import ValidationError
 
 from keys.models import ApiKey
+from keys.services import MAX_GRACE_SECONDS
 
 # Fields an admin may set on a key; the same set `set_key_limits` accepts.
 KEY_FIELDS = [
@@ -22,10 +23,6 @@ KEY_FIELDS = [
     "log_bodies",
     "allow_unpriced",
 ]
-
-# A week: long enough to redeploy every app that holds the old secret, short enough
-# that a leaked secret does not stay valid by accident.
-MAX_GRACE_SECONDS = 7 * 24 * 3600
 
 
 class NameListField(forms.CharField):

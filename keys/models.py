@@ -100,6 +100,9 @@ class ApiKey(models.Model):
                 name="apikey_previous_prefix",
                 condition=~Q(previous_prefix=""),
             ),
+            # Serves the admin's and the REST API's newest-first pages of 100k keys
+            # without sorting the whole table.
+            models.Index(fields=["created_at", "id"], name="apikey_created"),
         ]
 
     def __str__(self) -> str:
@@ -164,3 +167,53 @@ class Quota(models.Model):
     def __str__(self) -> str:
         owner = f"key {self.key_id}" if self.key_id else f"team {self.team_id}"
         return f"{self.metric} per {self.period} ≤ {self.limit:f} ({owner})"
+
+
+class KeyEvent(models.Model):
+    """One step in a key's life: who did what to it, when, and through which interface.
+
+    Written by `keys.services` in the same transaction as the change itself.
+    `details` holds field names and public values only (names, prefixes, limits,
+    times): never a secret, never a hash (`keys.audit` builds it from a fixed list).
+    """
+
+    class Action(models.TextChoices):
+        ISSUED = "issued", "Issued"
+        CHANGED = "changed", "Changed"
+        ROTATED = "rotated", "Rotated"
+        REVOKED = "revoked", "Revoked"
+
+    class Via(models.TextChoices):
+        ADMIN = "admin", "Django admin"
+        API = "api", "REST API"
+        CLI = "cli", "Command line"
+
+    # PROTECT: an audited key cannot vanish with its trail (keys are revoked, and
+    # admin never deletes them).
+    key = models.ForeignKey(ApiKey, on_delete=models.PROTECT, related_name="events")
+    action = models.CharField(max_length=10, choices=Action.choices)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    # The actor's username when it acted: the trail still reads after the user is
+    # renamed or deleted. Empty for the command line and other scripts.
+    actor_name = models.CharField(max_length=150, blank=True)
+    via = models.CharField(max_length=10, choices=Via.choices)
+    at = models.DateTimeField(default=timezone.now)
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        verbose_name = "key event"
+        ordering = ["-at", "-id"]
+        indexes = [
+            # Serves a key's own trail (its change page) and the newest-first list.
+            models.Index(fields=["key", "at"], name="keyevent_key_at"),
+            models.Index(fields=["at"], name="keyevent_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_action_display()} key {self.key_id} at {self.at:%Y-%m-%d %H:%M:%S}"

@@ -1,17 +1,24 @@
-"""Reads of keys: the frozen snapshot the relay works from, and who may see which key."""
+"""Reads of keys: the frozen snapshot the relay works from, who may see which key,
+and how much of its quotas a key has used."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Q, QuerySet
+from django.db.models import Count, F, OuterRef, Prefetch, Q, QuerySet, Subquery, Sum
+from django.utils import timezone
 
-from keys.models import ApiKey, Quota
+from keys.models import ApiKey, KeyEvent, Quota, Team
 from keys.roles import is_finance
 from keys.secrets import parse_prefix, verify_secret
+from usage.models import UsageRow
+from usage.rollups import billing_day, billing_zone, day_bounds
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,3 +117,252 @@ def visible_keys(user: AbstractBaseUser | AnonymousUser) -> QuerySet[ApiKey]:
     if is_finance(user):
         return qs.none()  # Finance sees usage, never keys.
     return qs.filter(owner=user)
+
+
+def visible_teams(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Team]:
+    """Teams, for users allowed to view them (staff with the permission)."""
+    qs = Team.objects.prefetch_related(
+        Prefetch("quotas", queryset=Quota.objects.order_by("metric", "period"))
+    )
+    if not user.is_authenticated or not user.has_perm("keys.view_team"):
+        return qs.none()
+    return qs
+
+
+def user_role(user: AbstractBaseUser | AnonymousUser) -> str:
+    """`admin` (manages keys), `finance` (usage and reports only) or `user` (own keys)."""
+    if user.has_perm("keys.view_apikey"):
+        return "admin"
+    if is_finance(user):
+        return "finance"
+    return "user"
+
+
+def key_events(key: ApiKey) -> QuerySet[KeyEvent]:
+    """A key's audit trail, newest first."""
+    return (
+        KeyEvent.objects.filter(key=key).select_related("actor").order_by("-at", "-id")
+    )
+
+
+# --- quotas and spend --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaUse:
+    """One quota of a key or of its team, and how much of it is used now."""
+
+    scope: str  # "key" or "team"
+    metric: str
+    period: str
+    limit: Decimal
+    used: Decimal
+    # Sliding windows (minute, hour) start `now - length` and never reset at once;
+    # calendar windows (day, month) reset at `resets_at`; `total` has neither.
+    window_start: datetime | None
+    resets_at: datetime | None
+
+    @property
+    def remaining(self) -> Decimal:
+        return max(self.limit - self.used, Decimal(0))
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """What a key or team used in a window: requests, tokens (prompt + completion),
+    and cost (unpriced rows count as requests and tokens, not as cost)."""
+
+    requests: int = 0
+    tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
+
+    def of(self, metric: str) -> Decimal:
+        if metric == Quota.Metric.REQUESTS:
+            return Decimal(self.requests)
+        if metric == Quota.Metric.TOKENS:
+            return Decimal(self.tokens)
+        return self.cost_usd
+
+
+def billing_day_start(now: datetime) -> datetime:
+    return day_bounds(billing_day(now))[0]
+
+
+def billing_month_start(now: datetime) -> datetime:
+    local = now.astimezone(billing_zone())
+    return datetime(local.year, local.month, 1, tzinfo=billing_zone())
+
+
+def _next_month(start: datetime) -> datetime:
+    year, month = divmod(start.year * 12 + start.month, 12)
+    # Rebuilt in the zone, not added: months differ in length and DST moves offsets.
+    return datetime(year, month + 1, 1, tzinfo=billing_zone())
+
+
+def quota_window(period: str, now: datetime) -> tuple[datetime | None, datetime | None]:
+    """[start, reset) of a quota period at `now`; calendar periods in GATEWAY_BILLING_TZ."""
+    if period == Quota.Period.MINUTE:
+        return now - timedelta(minutes=1), None
+    if period == Quota.Period.HOUR:
+        return now - timedelta(hours=1), None
+    if period == Quota.Period.DAY:
+        return day_bounds(billing_day(now))
+    if period == Quota.Period.MONTH:
+        start = billing_month_start(now)
+        return start, _next_month(start)
+    return None, None
+
+
+def admitted(rows: QuerySet[UsageRow]) -> QuerySet[UsageRow]:
+    """Rows of requests the gateway forwarded (a provider is named): what quotas
+    count. Refusals (auth, model, IP, quota) and /v1/usage itself are not."""
+    return rows.exclude(provider="")
+
+
+def usage_totals(
+    *, scope: str, ids: Iterable[int], since: datetime | None
+) -> dict[int, Totals]:
+    """Requests, tokens and cost of each key (or team) since `since`, in one query.
+
+    Counted as quota enforcement counts them (`keys.quota_ledger`): rows of requests
+    that reached a provider; refusals before forwarding spent nothing. Served by the
+    (key, created_at) and (team, created_at) indexes.
+    """
+    ids = sorted(set(ids))
+    if not ids:
+        return {}
+    column = "key_id" if scope == "key" else "team_id"
+    rows = admitted(UsageRow.objects.filter(**{f"{column}__in": ids}))
+    if since is not None:
+        rows = rows.filter(created_at__gte=since)
+    totals = (
+        rows.order_by()
+        .values(column)
+        .annotate(
+            n=Count("id"),
+            tokens=Sum(F("prompt_tokens") + F("completion_tokens")),
+            cost=Sum("cost_usd"),
+        )
+    )
+    return {
+        t[column]: Totals(t["n"], int(t["tokens"] or 0), t["cost"] or Decimal(0))
+        for t in totals
+    }
+
+
+def quota_uses(
+    owners: Sequence[tuple[int, int | None, Sequence[Quota], Sequence[Quota]]],
+    now: datetime | None = None,
+) -> dict[int, list[QuotaUse]]:
+    """Each key's quotas with their current use: `{key id: [QuotaUse, ...]}`.
+
+    `owners` holds (key id, team id, the key's quotas, the team's quotas). One
+    aggregate query per scope and period present, whatever the number of keys: a
+    page of 100 keys costs at most ten queries, never one per key.
+    """
+    now = now or timezone.now()
+    wanted: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for key_id, team_id, key_quotas, team_quotas in owners:
+        for quota in key_quotas:
+            wanted["key", quota.period].add(key_id)
+        for quota in team_quotas:
+            if team_id is not None:
+                wanted["team", quota.period].add(team_id)
+    windows = {period: quota_window(period, now) for _, period in wanted}
+    totals = {
+        (scope, period): usage_totals(scope=scope, ids=ids, since=windows[period][0])
+        for (scope, period), ids in wanted.items()
+    }
+    result: dict[int, list[QuotaUse]] = {}
+    for key_id, team_id, key_quotas, team_quotas in owners:
+        uses = []
+        scoped: list[tuple[str, int | None, Sequence[Quota]]] = [
+            ("key", key_id, key_quotas),
+            ("team", team_id, team_quotas),
+        ]
+        for scope, owner_id, quotas in scoped:
+            for quota in sorted(quotas, key=lambda q: (q.metric, q.period)):
+                if owner_id is None:
+                    continue
+                start, resets = windows[quota.period]
+                found = totals[scope, quota.period].get(owner_id, Totals())
+                uses.append(
+                    QuotaUse(
+                        scope=scope,
+                        metric=quota.metric,
+                        period=quota.period,
+                        limit=quota.limit,
+                        used=found.of(quota.metric),
+                        window_start=start,
+                        resets_at=resets,
+                    )
+                )
+        result[key_id] = uses
+    return result
+
+
+def quota_usage(
+    *, key_id: int, team_id: int | None, now: datetime | None = None
+) -> list[QuotaUse]:
+    """The quotas of one key and of its team, with their current use."""
+    quotas = list(
+        Quota.objects.filter(
+            Q(key_id=key_id) | Q(team_id=team_id) if team_id else Q(key_id=key_id)
+        )
+    )
+    key_quotas = [q for q in quotas if q.key_id == key_id]
+    team_quotas = [q for q in quotas if q.team_id is not None]
+    return quota_uses([(key_id, team_id, key_quotas, team_quotas)], now)[key_id]
+
+
+def key_spend(
+    *, key_id: int, since: datetime | None, until: datetime | None = None
+) -> Totals:
+    """What one key used between two moments (every secret it had included),
+    counted as `usage_totals` counts."""
+    rows = admitted(UsageRow.objects.filter(key_id=key_id))
+    if since is not None:
+        rows = rows.filter(created_at__gte=since)
+    if until is not None:
+        rows = rows.filter(created_at__lt=until)
+    found = rows.order_by().aggregate(
+        n=Count("id"),
+        tokens=Sum(F("prompt_tokens") + F("completion_tokens")),
+        cost=Sum("cost_usd"),
+    )
+    return Totals(found["n"], int(found["tokens"] or 0), found["cost"] or Decimal(0))
+
+
+def key_page_stats(
+    key_ids: Sequence[int], now: datetime | None = None
+) -> dict[int, dict[str, Any]]:
+    """Spend this billing month and last use of each key on one admin page.
+
+    Per-key subqueries on the (key, created_at) index, evaluated for these keys
+    only (never for the whole key table): one query for the page.
+    """
+    if not key_ids:
+        return {}
+    now = now or timezone.now()
+    month = billing_month_start(now)
+    rows = UsageRow.objects.filter(key_id=OuterRef("pk")).order_by()
+    spend = (
+        rows.filter(created_at__gte=month)
+        .values("key_id")
+        .annotate(total=Sum("cost_usd"))
+        .values("total")
+    )
+    last = rows.order_by("-created_at").values("created_at")[:1]
+    found = (
+        ApiKey.objects.filter(pk__in=list(key_ids))
+        .order_by()
+        .annotate(spend_usd=Subquery(spend), last_used_at=Subquery(last))
+        .values("pk", "spend_usd", "last_used_at")
+    )
+    return {
+        row["pk"]: {
+            "spend_usd": row["spend_usd"] or Decimal(0),
+            "last_used_at": row["last_used_at"],
+        }
+        for row in found
+    }

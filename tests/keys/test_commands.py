@@ -6,7 +6,7 @@ import os
 import re
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from io import StringIO
 
@@ -18,6 +18,7 @@ from django.db import connection
 from django.utils import timezone
 
 from keys.models import ApiKey, Quota, Team
+from keys.secrets import parse_prefix
 from keys.selectors import key_info_for_secret
 from relay.generation import read_config_generation
 from tests import factories
@@ -360,3 +361,22 @@ def test_revoking_a_revoked_key_again_changes_nothing(transactional_db):
     assert "already revoked" in output
     assert ApiKey.objects.get(pk=key.pk).revoked_at == revoked_at
     assert read_config_generation() == generation
+
+
+@pytest.mark.django_db
+def test_rotatekey_prints_the_new_secret_last_and_keeps_the_old_one_for_the_grace():
+    key, old_secret = factories.make_key(name="rotating")
+    out = StringIO()
+
+    call_command("rotatekey", "rotating", "--grace-seconds", "60", stdout=out)
+
+    new_secret = out.getvalue().strip().splitlines()[-1]
+    assert new_secret != old_secret and parse_prefix(new_secret) is not None
+    now = timezone.now()
+    new_info, old_info = (
+        key_info_for_secret(new_secret),
+        key_info_for_secret(old_secret),
+    )
+    assert new_info is not None and new_info.is_usable(now)
+    assert old_info is not None and old_info.is_usable(now)
+    assert not old_info.is_usable(now + timedelta(seconds=61))
