@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 # script runs alone). KEYS: every reservation's counters, in order. ARGV: now_ms,
 # count, then per reservation: id, expire_at_ms, n, and per counter: limit, amount,
 # window_ms, bucket_ms, ttl_s, init ("-" or "bucket:amount,..."). Per reservation it
-# returns: status (0 counters missing, 1 reserved, 2 refused), the refused counter,
+# returns: status (0 counters missing, 1 reserved, 2 refused, 3 failed), the refused counter,
 # then n values (used; for status 0, 1 where the counter is missing), then n oldest
 # buckets (-1: none).
 RESERVE = """
@@ -49,11 +49,7 @@ local now = tonumber(ARGV[1])
 local m = tonumber(ARGV[2])
 local a, k = 3, 1
 local out = {}
-for r = 1, m do
-  local res = ARGV[a]
-  local expire_at = tonumber(ARGV[a + 1])
-  local n = tonumber(ARGV[a + 2])
-  a = a + 3
+local function reserve(a, k, res, expire_at, n)
   local flags, any_missing = {}, false
   for i = 0, n - 1 do
     local key = KEYS[k + i]
@@ -88,8 +84,10 @@ for r = 1, m do
         local v = redis.call('HGET', amounts, e)
         if v then
           local b, amt = string.match(v, '(%-?%d+):(%-?%d+)')
-          if window == 0 or tonumber(b) + bucket_ms > now - window then
-            redis.call('HINCRBY', key, b, -tonumber(amt))
+          local d = tonumber(amt)
+          -- Redis refuses "-0" as an increment: skip reservations of nothing.
+          if d ~= 0 and (window == 0 or tonumber(b) + bucket_ms > now - window) then
+            redis.call('HINCRBY', key, b, -d)
           end
           redis.call('HDEL', amounts, e)
         end
@@ -146,6 +144,21 @@ for r = 1, m do
     out[#out + 1] = refused
     for i = 1, n do out[#out + 1] = used[i] end
     for i = 1, n do out[#out + 1] = oldest[i] end
+  end
+end
+for r = 1, m do
+  local res = ARGV[a]
+  local expire_at = tonumber(ARGV[a + 1])
+  local n = tonumber(ARGV[a + 2])
+  a = a + 3
+  local before = #out
+  -- One reservation's failure (a damaged counter) must not fail the others.
+  local ok = pcall(reserve, a, k, res, expire_at, n)
+  if not ok then
+    for j = #out, before + 1, -1 do out[j] = nil end
+    out[#out + 1] = 3
+    out[#out + 1] = 0
+    for i = 1, 2 * n do out[#out + 1] = -1 end
   end
   a = a + n * 6
   k = k + n
@@ -489,6 +502,10 @@ class Limiter:
                 for counter, amounts in zip(lost, spent, strict=True):
                     inits[counters.index(counter)] = _init_arg(amounts)
                 continue
+            if result[0] == 3:
+                raise RuntimeError(
+                    "the quota script failed on one of this key's counters"
+                )
             used, oldest = result[2 : 2 + n], result[2 + n : 2 + 2 * n]
             return self._outcome(
                 reservation, result[0] == 1, int(result[1]) - 1, used, oldest, now

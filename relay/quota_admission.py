@@ -36,9 +36,13 @@ def max_output_tokens(
     request: dict[str, Any], candidates: list[Candidate], endpoint: str
 ) -> int:
     """The most the answer may use: the request's own limit, else the model's, else
-    the gateway's default. Embeddings produce none."""
+    the gateway's default, for each answer it may generate. Embeddings produce none."""
     if endpoint == "embeddings":
         return 0
+    return _per_output(request, candidates) * _outputs(request)
+
+
+def _per_output(request: dict[str, Any], candidates: list[Candidate]) -> int:
     for name in OUTPUT_LIMIT_FIELDS:
         value = request.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -47,6 +51,21 @@ def max_output_tokens(
         c.route.max_output_tokens for c in candidates if c.route.max_output_tokens
     ]
     return max(limits) if limits else settings.GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS
+
+
+def _outputs(request: dict[str, Any]) -> int:
+    """How many answers one request may generate, each up to the output limit:
+    chat's `n`, completions' `best_of`, and one per prompt of a prompt list."""
+    counts = [
+        value
+        for value in (request.get("n"), request.get("best_of"))
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1
+    ]
+    prompt = request.get("prompt")
+    # A list of ints is one tokenised prompt; a list of strings (or lists) is many.
+    many = isinstance(prompt, list) and not all(isinstance(p, int) for p in prompt)
+    prompts = len(prompt) if many else 1  # type: ignore[arg-type]
+    return max(counts, default=1) * max(prompts, 1)
 
 
 async def admit(

@@ -167,15 +167,7 @@ async def test_an_amount_of_zero_passes_a_counter_that_is_full(backend):
     "backend",
     [
         "local",
-        pytest.param(
-            "redis",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: keys/limiter.py RESERVE, purge of expired reservations: "
-                "HINCRBY key b -tonumber(amt) sends '-0' for an amount of 0, which "
-                "Redis refuses; the script fails on every later check of the counter",
-            ),
-        ),
+        "redis",
     ],
     indirect=True,
 )
@@ -245,15 +237,6 @@ def test_limiters_in_parallel_threads_sharing_redis_admit_exactly_the_limit(
     assert len(admitted) == 25
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: keys/limiter.py Limiter._deliver: the reservations of one event-loop "
-    "iteration go to Redis in one script call, and an error in any of them (here a "
-    "corrupted counter; also the '-0' bug above) fails the whole call: every other "
-    "key's request in the batch falls back (budgets: 503), while the reservations "
-    "the script applied before the error stay held until they expire. Fix: catch "
-    "errors per reservation in the script (redis.pcall) and return them per slot",
-)
 @pytest.mark.parametrize("backend", ["redis"], indirect=True)
 async def test_one_broken_counter_does_not_fail_other_keys_checks_made_at_the_same_time(
     backend,

@@ -192,12 +192,6 @@ PROPERTY_SETTINGS = hypothesis_settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-REDIS_MINUS_ZERO = (
-    "BUG: keys/limiter.py RESERVE purges an expired reservation with "
-    "HINCRBY key b -tonumber(amt); for an amount of 0 Lua sends '-0', which Redis "
-    "refuses ('value is not an integer'), so every later check of that counter fails "
-    "(budgets: 503 until the pending set expires)"
-)
 
 
 @PROPERTY_SETTINGS
@@ -217,9 +211,7 @@ async def test_the_limiter_agrees_with_a_reference_model_of_its_counters(
     "backend",
     [
         "local",
-        pytest.param(
-            "redis", marks=pytest.mark.xfail(strict=True, reason=REDIS_MINUS_ZERO)
-        ),
+        "redis",
     ],
     indirect=True,
 )

@@ -146,13 +146,6 @@ def test_token_headers_show_the_worst_case_reserved_then_the_actual_settled(live
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: relay/quota_admission.py max_output_tokens() (line 35) reserves "
-    "max_tokens once, but n choices, or a list of prompts on /v1/completions, may "
-    "each generate (and bill) max_tokens; a budget can be overspent n-fold. Fix: "
-    "multiply by n (and best_of) and by the number of prompts",
-)
 @pytest.mark.parametrize(
     ("path", "payload", "outputs"),
     [
