@@ -33,6 +33,7 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 
+from gateway_project.redis_keys import redis_key
 from keys.selectors import KeyInfo, QuotaInfo
 
 MICROS = Decimal(1_000_000)
@@ -66,7 +67,8 @@ def cost_micros(cost: Decimal) -> int:
 class Counter:
     """One quota, as the limiter stores it."""
 
-    name: str  # Storage key, e.g. "gw:q:k:12:tokens:minute" or "...:month:2026-11".
+    # Storage key, e.g. "gw:<namespace>:q:k:12:tokens:minute" or "...:month:2026-11".
+    name: str
     quota: QuotaInfo
     owner_id: int
     window_ms: int  # 0: the whole counter counts (calendar period or total).
@@ -107,7 +109,7 @@ def counters_for(
         owner = key.id if quota.scope == "key" else key.team_id
         if owner is None:
             continue
-        name = f"gw:q:{quota.scope[0]}:{owner}:{quota.metric}:{quota.period}"
+        name = redis_key("q", quota.scope[0], str(owner), quota.metric, quota.period)
         start = end = None
         if quota.period == "day":
             start = datetime(local.year, local.month, local.day, tzinfo=zone)

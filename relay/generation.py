@@ -16,11 +16,14 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 
+from gateway_project.redis_keys import redis_key
 from relay.models import ConfigGeneration
 
 logger = logging.getLogger(__name__)
 
-REDIS_KEY = "gw:config-generation"
+
+def generation_key() -> str:
+    return redis_key("config-generation")
 
 
 def bump_config_generation() -> None:
@@ -40,7 +43,7 @@ def _mirror_to_redis(value: int) -> None:
     if client is None:
         return
     try:
-        client.set(REDIS_KEY, value)
+        client.set(generation_key(), value)
     except Exception:  # Redis down: pollers fall back to the database row.
         logger.warning("config generation not mirrored to redis", exc_info=True)
 
@@ -49,7 +52,7 @@ def read_config_generation() -> int:
     client = _redis()
     if client is not None:
         try:
-            value = client.get(REDIS_KEY)
+            value = client.get(generation_key())
         except Exception:
             value = None
         if value is not None:

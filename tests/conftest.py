@@ -28,9 +28,9 @@ def generation_read_from_the_database() -> Iterator[None]:
         if settings.REDIS_URL:
             from django_redis import get_redis_connection
 
-            from relay.generation import REDIS_KEY
+            from relay.generation import generation_key
 
-            get_redis_connection("default").delete(REDIS_KEY)
+            get_redis_connection("default").delete(generation_key())
 
     forget_mirror()
     yield

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from keys.services import quota_specs
-from relay.generation import REDIS_KEY
+from relay.generation import generation_key
 from relay.models import ConfigGeneration
 from relay.tokens import count_prompt_tokens
 from tests import factories
@@ -57,7 +57,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         seen = None
         while time.monotonic() < deadline:
-            self.redis.client().delete(REDIS_KEY)
+            self.redis.client().delete(generation_key())
             httpx.get(f"{self.url}/v1/models", timeout=5)
             seen = httpx.get(f"{self.url}/health", timeout=5).json()[
                 "config_generation"
@@ -141,7 +141,7 @@ def test_a_flushed_redis_still_knows_the_months_spend_and_the_minutes_requests(
     assert (big.status_code, code(big)) == (429, "insufficient_quota")
     assert small.status_code == 200  # a smaller worst case fits what is left
     assert (over_rpm.status_code, code(over_rpm)) == (429, "rate_limit_exceeded")
-    assert stack.redis.client().keys(f"gw:q:k:{key.id}:cost_usd:month:*")
+    assert stack.redis.client().keys(f"gw:*:q:k:{key.id}:cost_usd:month:*")
 
 
 @dataclass

@@ -4,7 +4,7 @@
   persistence, that a test may flush or kill without touching the machine's shared
   Redis (other test runs use it at the same time).
 - `spread_key_ids()` and `forget_counters()`: quota counters are named after key and
-  team ids (`gw:q:k:<id>:...`), and every test database numbers its keys from 1, so
+  team ids (`gw:<namespace>:q:k:<id>:...`), and every test database numbers its keys from 1, so
   two test runs sharing one Redis, or two runs one after the other, would count on
   each other's counters. Starting the ids at a random offset keeps them apart.
 - `LimiterBackend`: a fresh `keys.limiter.Limiter` on the in-process or the Redis
@@ -96,9 +96,9 @@ def forget_counters(
     """Delete the quota counters (and their pending reservations) of a key or team."""
     patterns = []
     if key_id is not None:
-        patterns.append(f"gw:q:k:{key_id}:*")
+        patterns.append(f"gw:*:q:k:{key_id}:*")
     if team_id is not None:
-        patterns.append(f"gw:q:t:{team_id}:*")
+        patterns.append(f"gw:*:q:t:{team_id}:*")
     names = [name for p in patterns for name in client.scan_iter(match=p, count=1000)]
     return client.delete(*names) if names else 0
 
@@ -107,7 +107,7 @@ def pending_reservations(client: Any, *, key_id: int) -> int:
     """Outstanding reservations over all of a key's counters (ZCARD of `<counter>:p`)."""
     return sum(
         client.zcard(name)
-        for name in client.scan_iter(match=f"gw:q:k:{key_id}:*:p", count=1000)
+        for name in client.scan_iter(match=f"gw:*:q:k:{key_id}:*:p", count=1000)
     )
 
 
