@@ -22,8 +22,11 @@ check-deploy: install  ## Django's deployment checks with a production-like envi
 	GATEWAY_ENCRYPTION_KEY=$$($(PY) -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())') \
 	$(PY) manage.py check --deploy --fail-level WARNING
 
-bench: install  ## Side-by-side relay benchmark (see bench/README.md).
-	$(PY) bench/run.py
+bench: install  ## Side-by-side relay benchmark (see bench/README.md); BENCH_ARGS=--quick etc.
+	@command -v wrk > /dev/null && command -v nginx > /dev/null || \
+		(apt-get update -qq && apt-get install -y -qq wrk nginx > /dev/null)
+	$(PY) -m pip install -q -r bench/requirements.txt
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 install: $(VENV)/.installed
 

@@ -45,6 +45,10 @@ class Snapshot:
         cached = self._keys.get(digest, _MISSING)
         if cached is not _MISSING:
             return cached  # type: ignore[return-value]
+        if self.generation is None:
+            # Know the generation first: a key cached before it would be dropped by
+            # the catalog's first load and read again.
+            await self.refresh()
         generation = self.generation
         info = await database_sync_to_async(key_info_for_secret)(secret)
         # A change landed while this read ran: the read may predate it, so the
