@@ -49,7 +49,7 @@ from keys.services import (
     update_team,
     upsert_team,
 )
-from usage.admin import BoundedCountPaginator, InputFilter
+from usage.admin import InputFilter, ReadOnlyAdmin
 
 VIA = KeyEvent.Via.ADMIN
 
@@ -625,7 +625,7 @@ class EventKeyFilter(InputFilter):
 
 
 @admin.register(KeyEvent)
-class KeyEventAdmin(admin.ModelAdmin):
+class KeyEventAdmin(ReadOnlyAdmin):
     """The audit trail: read-only, newest first; written only by `keys.services`."""
 
     list_display = ["at", "key_column", "action", "actor_column", "via", "summary"]
@@ -635,22 +635,6 @@ class KeyEventAdmin(admin.ModelAdmin):
     search_help_text = "Username of whoever acted."
     fields = ["at", "key_column", "action", "actor_column", "via", "summary", "details"]
     readonly_fields = fields
-    actions = None
-    show_full_result_count = False
-    paginator = BoundedCountPaginator
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(
-        self, request: HttpRequest, obj: KeyEvent | None = None
-    ) -> bool:
-        return False
-
-    def has_delete_permission(
-        self, request: HttpRequest, obj: KeyEvent | None = None
-    ) -> bool:
-        return False
 
     @admin.display(description="key", ordering="key_id")
     def key_column(self, obj: KeyEvent) -> str:

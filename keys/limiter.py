@@ -30,7 +30,6 @@ from keys.quotas import (
     QuotaUnavailable,
     Reservation,
     new_reservation,
-    now_ms,
     reset_seconds,
 )
 from usage import metrics
@@ -618,4 +617,4 @@ def limiter() -> Limiter:
     return _limiter
 
 
-__all__ = ["Limiter", "LocalLimiter", "limiter", "now_ms"]
+__all__ = ["Limiter", "LocalLimiter", "limiter"]

@@ -23,7 +23,6 @@ Redis has lost (flush, restart, idle expiry) is rebuilt from the usage ledger
 from __future__ import annotations
 
 import math
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -205,7 +204,3 @@ def reset_seconds(
     if counter.period_end is not None:
         return max(0.0, (counter.period_end - now).total_seconds())
     return math.inf
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
