@@ -7,8 +7,6 @@ answer, meter it. Nothing here queries the database once the snapshot is warm.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import itertools
 import re
 import secrets
@@ -22,13 +20,13 @@ from django.utils import timezone
 
 from keys.quotas import Reservation
 from keys.selectors import KeyInfo
-from relay import errors, quota_admission, upstream
+from relay import client_address, errors, quota_admission, upstream
 from relay.auth import secret_from_headers
 from relay.catalog import Candidate, Catalog
 from relay.forwarding import open_attempt
 from relay.metering import Call, Source, finish
 from relay.snapshot import snapshot
-from relay.sse import SseMeter, error_event
+from relay.sse import SseMeter, StreamMeter, error_event
 from relay.tokens import count_prompt_tokens, count_text_tokens
 from usage import metrics
 
@@ -100,7 +98,9 @@ class RelayConsumer(AsyncHttpConsumer):
         key = await snapshot.key_for_secret(secret)
         if key is None or not key.is_usable(timezone.now()):
             raise errors.InvalidApiKey("Incorrect, revoked or expired API key.")
-        if key.ip_allowlist and not _ip_allowed(self.scope, key.ip_allowlist):
+        if key.ip_allowlist and not client_address.ip_allowed(
+            self.scope, key.ip_allowlist
+        ):
             self.call.key = key
             raise errors.PermissionDenied("This key may not be used from this address.")
         return key
@@ -216,25 +216,16 @@ class ProxiedEndpointConsumer(RelayConsumer):
             await self.relay_whole(attempt.response, request)
 
     def parse(self, body: bytes) -> dict[str, Any]:
-        try:
-            request = orjson.loads(body)
-        except ValueError:
-            raise errors.InvalidRequest("The request body is not valid JSON.") from None
-        if not isinstance(request, dict):
-            raise errors.InvalidRequest("The request body must be a JSON object.")
-        model = request.get("model")
-        if not isinstance(model, str) or not model:
-            raise errors.InvalidRequest(
-                "'model' is required and must be a string.", param="model"
-            )
-        self.call.model = model
+        """The request to forward, checked; 400 `invalid_request_error` if not."""
+        request = json_object(body)
+        self.call.model = required_model(request)
         if "stream" in request and not isinstance(request["stream"], bool | None):
             raise errors.InvalidRequest("'stream' must be a boolean.", param="stream")
         user = request.get("user")
         if user is not None and not isinstance(user, str):
             raise errors.InvalidRequest("'user' must be a string.", param="user")
         self.call.user = user or ""
-        self.call.tags = _tags(self.scope["headers"])
+        self.call.tags = request_tags(self.scope["headers"])
         self.validate(request)
         return request
 
@@ -278,14 +269,20 @@ class ProxiedEndpointConsumer(RelayConsumer):
         if not isinstance(payload, dict):
             raise errors.UpstreamError("the upstream's answer is not a JSON object")
         if not self.call.take_usage(payload.get("usage")):
-            self.estimate(request, _answer_text(payload))
+            self.estimate(request, answer_text(payload))
         self.call.status = response.status_code
         self.call.mark_first_byte()
+        await self.answer_whole(response, content, payload)
+        self.response_finished = True
+
+    async def answer_whole(
+        self, response: upstream.UpstreamResponse, content: bytes, payload: Any
+    ) -> None:
+        """Send the upstream's whole answer on: the same bytes, as providers do."""
         content_type = response.headers.get("content-type", "application/json").encode()
         await self.send_response(
             response.status_code, content, headers=self.response_headers(content_type)
         )
-        self.response_finished = True
 
     async def _read_whole(self, response: upstream.UpstreamResponse) -> bytes:
         """The whole answer; once the client is gone, only for the grace period.
@@ -319,7 +316,7 @@ class ProxiedEndpointConsumer(RelayConsumer):
         *,
         strip_usage: bool,
     ) -> None:
-        meter = SseMeter(strip_usage=strip_usage)
+        meter = self.stream_meter(strip_usage=strip_usage)
         self.call.status = response.status_code
         await self.send_headers(
             status=response.status_code,
@@ -336,20 +333,32 @@ class ProxiedEndpointConsumer(RelayConsumer):
         finally:
             metrics.OPEN_STREAMS.dec()
             await response.aclose()
+        if failure is not None:
+            self.call.error_code = "upstream_error"
+        if not self.call.take_usage(meter.usage, partial=failure is not None):
+            self.estimate(request, None, completion=meter.estimated_completion_tokens())
         if not self.client_gone.is_set():
             if failure is not None:
                 await self.send_body(
                     error_event(failure, "upstream_error"), more_body=True
                 )
+            else:
+                tail = self.stream_tail(meter)
+                if tail:
+                    await self.send_body(tail, more_body=True)
             await self.send_body(b"")
             self.response_finished = True
-        if failure is not None:
-            self.call.error_code = "upstream_error"
-        if not self.call.take_usage(meter.usage, partial=failure is not None):
-            self.estimate(request, None, completion=meter.estimated_completion_tokens())
+
+    def stream_meter(self, *, strip_usage: bool) -> StreamMeter:
+        """What turns the upstream's bytes into the client's: the same events."""
+        return SseMeter(strip_usage=strip_usage)
+
+    def stream_tail(self, meter: StreamMeter) -> bytes:
+        """Events to send after the upstream's, once usage is known: none."""
+        return b""
 
     async def _pump(
-        self, response: upstream.UpstreamResponse, meter: SseMeter
+        self, response: upstream.UpstreamResponse, meter: StreamMeter
     ) -> str | None:
         """Relay the upstream's events as they arrive; the failure text, if any."""
         chunks = response.aiter_raw()
@@ -497,7 +506,7 @@ def _request_id(scope: dict[str, Any]) -> str:
     return f"req_{_PROCESS_ID}{next(_request_numbers):012x}"
 
 
-def _tags(headers: list[tuple[bytes, bytes]]) -> list[str]:
+def request_tags(headers: list[tuple[bytes, bytes]]) -> list[str]:
     for name, value in headers:
         if name == b"x-gateway-tags":
             tags = [
@@ -507,19 +516,27 @@ def _tags(headers: list[tuple[bytes, bytes]]) -> list[str]:
     return []
 
 
-def _ip_allowed(scope: dict[str, Any], allowlist: tuple[str, ...]) -> bool:
-    client = scope.get("client")
-    if not client:
-        return False
-    with contextlib.suppress(ValueError):
-        address = ipaddress.ip_address(client[0])
-        return any(
-            address in ipaddress.ip_network(net, strict=False) for net in allowlist
+def json_object(body: bytes) -> dict[str, Any]:
+    try:
+        request = orjson.loads(body)
+    except ValueError:
+        raise errors.InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(request, dict):
+        raise errors.InvalidRequest("The request body must be a JSON object.")
+    return request
+
+
+def required_model(request: dict[str, Any]) -> str:
+    model = request.get("model")
+    if not isinstance(model, str) or not model:
+        raise errors.InvalidRequest(
+            "'model' is required and must be a string.", param="model"
         )
-    return False
+    return model
 
 
-def _answer_text(payload: dict[str, Any]) -> str:
+def answer_text(payload: dict[str, Any]) -> str:
+    """The generated text of a whole (not streamed) answer, for every endpoint."""
     parts = []
     for choice in payload.get("choices") or ():
         if isinstance(choice, dict):

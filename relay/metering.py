@@ -87,7 +87,7 @@ class Call:
         return True
 
 
-def _cost(call: Call, catalog: Catalog | None) -> tuple[Decimal | None, int | None]:
+def priced(call: Call, catalog: Catalog | None) -> tuple[Decimal | None, int | None]:
     """The row's cost and price id; None cost means tokens without a known price."""
     price = None
     if call.candidate is not None and catalog is not None:
@@ -110,7 +110,7 @@ def finish(call: Call, catalog: Catalog | None) -> Decimal | None:
     Returns the row's cost (None: unpriced).
     """
     latency_ms = int((time.perf_counter() - call.started) * 1000)
-    cost, price_id = _cost(call, catalog)
+    cost, price_id = priced(call, catalog)
     if call.key is not None:
         recorder.record(
             {

@@ -10,6 +10,7 @@ from typing import Any
 
 from relay import consumers
 from relay.key_usage import KeyUsageConsumer
+from relay.prompt_api import InferenceCompleteConsumer, InferenceStreamConsumer
 
 MODEL_PATH_PREFIX = "/v1/models/"
 
@@ -18,6 +19,8 @@ ROUTES: dict[str, Any] = {
     "/v1/completions": consumers.CompletionsConsumer.as_asgi(),
     "/v1/embeddings": consumers.EmbeddingsConsumer.as_asgi(),
     "/v1/responses": consumers.ResponsesConsumer.as_asgi(),
+    "/v1/inference/complete": InferenceCompleteConsumer.as_asgi(),
+    "/v1/inference/stream": InferenceStreamConsumer.as_asgi(),
     "/v1/models": consumers.ModelsConsumer.as_asgi(),
     "/v1/usage": KeyUsageConsumer.as_asgi(),
 }

@@ -10,13 +10,26 @@ asked for.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from relay.tokens import count_text_tokens
 
 DONE = b"data: [DONE]"
+
+
+class StreamMeter(Protocol):
+    """Turns the upstream's stream into the client's, and watches it for usage."""
+
+    usage: dict[str, Any] | None
+    saw_done: bool
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+    def estimated_completion_tokens(self) -> int: ...
 
 
 class SseMeter:
@@ -61,7 +74,7 @@ class SseMeter:
         if not _mentions_usage(event):
             self._content_events.append(event)
             return _without_null_usage(event) if self.strip_usage else event
-        payload = _data_json(event)
+        payload = data_json(event)
         usage = payload.get("usage") if payload else None
         if isinstance(payload, dict) and isinstance(payload.get("response"), dict):
             usage = payload["response"].get("usage") or usage  # Responses API
@@ -78,9 +91,9 @@ class SseMeter:
         text: list[str] = []
         for block in self._content_events:
             for event in block.split(b"\n\n"):
-                payload = _data_json(event)
+                payload = data_json(event)
                 if payload:
-                    text.append(_delta_text(payload))
+                    text.append(delta_text(payload))
         return count_text_tokens("".join(text))
 
 
@@ -93,7 +106,7 @@ def _without_null_usage(data: bytes) -> bytes:
     return data.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
 
 
-def _data_json(event: bytes) -> dict[str, Any] | None:
+def data_json(event: bytes) -> dict[str, Any] | None:
     lines = [
         line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")
     ]
@@ -106,7 +119,7 @@ def _data_json(event: bytes) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
-def _delta_text(payload: dict[str, Any]) -> str:
+def delta_text(payload: dict[str, Any]) -> str:
     if payload.get("type") == "response.output_text.delta":
         delta = payload.get("delta")
         return delta if isinstance(delta, str) else ""
