@@ -96,6 +96,53 @@ def test_rpm_tpm_and_budget_become_the_keys_quotas():
 
 
 @pytest.mark.django_db
+def test_every_metric_and_period_can_be_given_with_quota():
+    every = [(m, p) for m in Quota.Metric.values for p in Quota.Period.values]
+    args = [a for i, (m, p) in enumerate(every) for a in ("--quota", f"{m}:{p}:{i}.5")]
+
+    createkey("--name", "all-kinds", *args)
+
+    quotas = Quota.objects.filter(key__name="all-kinds")
+    assert {(q.metric, q.period, q.limit) for q in quotas} == {
+        (m, p, Decimal(f"{i}.5")) for i, (m, p) in enumerate(every)
+    }
+
+
+@pytest.mark.django_db
+def test_quota_adds_to_rpm_tpm_and_budget():
+    createkey(
+        "--name", "mixed", "--rpm", "60", "--budget-usd", "5",
+        "--quota", "requests:hour:1000", "--quota", "cost_usd:day:1.25",
+    )  # fmt: skip
+
+    quotas = Quota.objects.filter(key__name="mixed")
+    assert {(q.metric, q.period, q.limit) for q in quotas} == {
+        ("requests", "minute", Decimal(60)),
+        ("requests", "hour", Decimal(1000)),
+        ("cost_usd", "month", Decimal(5)),
+        ("cost_usd", "day", Decimal("1.25")),
+    }
+
+
+@pytest.mark.django_db
+def test_the_allowlist_and_unpriced_use_are_set_on_the_key():
+    createkey(
+        "--name", "fenced", "--ip-allowlist", "10.0.0.0/8, 192.168.1.7",
+        "--allow-unpriced",
+    )  # fmt: skip
+
+    key = ApiKey.objects.get(name="fenced")
+    assert key.ip_allowlist == ["10.0.0.0/8", "192.168.1.7/32"]
+    assert key.allow_unpriced is True
+    assert ApiKey.objects.get(pk=createkey_key("plain").pk).allow_unpriced is False
+
+
+def createkey_key(name: str) -> ApiKey:
+    createkey("--name", name)
+    return ApiKey.objects.get(name=name)
+
+
+@pytest.mark.django_db
 def test_the_budget_period_is_a_month_unless_given():
     createkey("--name", "monthly", "--budget-usd", "100")
 
@@ -216,6 +263,13 @@ def test_a_budget_that_is_not_a_non_negative_number_is_refused(budget):
         ["--rpm", "-1"],
         ["--tpm", "ten"],
         ["--budget-usd", "5", "--budget-period", "week"],
+        ["--quota", "requests:hour"],
+        ["--quota", "requests:week:5"],
+        ["--quota", "calls:hour:5"],
+        ["--quota", "tokens:hour:many"],
+        ["--quota", "tokens:hour:-1"],
+        ["--rpm", "5", "--quota", "requests:minute:9"],
+        ["--ip-allowlist", "10.0.0.300"],
     ],
 )
 def test_bad_limits_are_refused(args):

@@ -11,7 +11,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
-from keys.services import issue_key, quota_specs, upsert_team
+from keys.services import QuotaSpec, issue_key, quota_specs, upsert_team
 
 
 class Command(BaseCommand):
@@ -29,6 +29,25 @@ class Command(BaseCommand):
         parser.add_argument("--budget-usd", help="spend limit in USD")
         parser.add_argument(
             "--budget-period", choices=["day", "month", "total"], default="month"
+        )
+        parser.add_argument(
+            "--quota",
+            action="append",
+            default=[],
+            metavar="METRIC:PERIOD:LIMIT",
+            help="any other quota, repeatable: metric requests, tokens or cost_usd; "
+            "period minute, hour, day, month or total (e.g. requests:hour:5000, "
+            "cost_usd:day:20)",
+        )
+        parser.add_argument(
+            "--ip-allowlist",
+            default="",
+            help="comma-separated addresses or CIDR ranges the key may be used from",
+        )
+        parser.add_argument(
+            "--allow-unpriced",
+            action="store_true",
+            help="admit models with no price despite a cost budget (rows are flagged)",
         )
         parser.add_argument("--expires", help="ISO 8601 date-time with offset")
 
@@ -52,14 +71,18 @@ class Command(BaseCommand):
             if options[flag] is not None and options[flag] < 0:
                 raise CommandError(f"--{flag} must not be negative")
         expires_at = _expiry(options["expires"]) if options["expires"] else None
-        models = [m.strip() for m in options["models"].split(",") if m.strip()]
+        models = _items(options["models"])
+        extra_quotas = [_quota(text) for text in options["quota"]]
         try:
-            quotas = quota_specs(
-                rpm=options["rpm"],
-                tpm=options["tpm"],
-                budget_usd=budget,
-                budget_period=options["budget_period"],
-            )
+            quotas = [
+                *quota_specs(
+                    rpm=options["rpm"],
+                    tpm=options["tpm"],
+                    budget_usd=budget,
+                    budget_period=options["budget_period"],
+                ),
+                *extra_quotas,
+            ]
             with transaction.atomic():
                 team = upsert_team(name=options["team"]) if options["team"] else None
                 issued = issue_key(
@@ -67,8 +90,10 @@ class Command(BaseCommand):
                     owner=owner,
                     team=team,
                     models=models,
+                    ip_allowlist=_items(options["ip_allowlist"]),
                     expires_at=expires_at,
                     quotas=quotas,
+                    allow_unpriced=options["allow_unpriced"],
                 )
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from exc
@@ -78,6 +103,24 @@ class Command(BaseCommand):
         )
         self.stdout.write("The secret is shown once, below; store it now.")
         self.stdout.write(issued.secret)
+
+
+def _items(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _quota(text: str) -> QuotaSpec:
+    """`requests:hour:5000` as a quota; the metric and period are checked on issue."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise CommandError(
+            f"--quota {text!r}: give METRIC:PERIOD:LIMIT, e.g. requests:hour:5000"
+        )
+    metric, period, limit = (part.strip() for part in parts)
+    try:
+        return QuotaSpec(metric, period, Decimal(limit))
+    except InvalidOperation:
+        raise CommandError(f"--quota {text!r}: the limit must be a number") from None
 
 
 def _expiry(value: str) -> datetime:
