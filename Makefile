@@ -19,6 +19,7 @@ lint: install
 check-deploy: install  ## Django's deployment checks with a production-like environment.
 	DJANGO_SECRET_KEY=$$(head -c 48 /dev/urandom | base64) DJANGO_HTTPS=true \
 	DJANGO_ALLOWED_HOSTS=gateway.example.com \
+	GATEWAY_KEY_HASH_SECRET=$$(head -c 48 /dev/urandom | base64) \
 	GATEWAY_ENCRYPTION_KEY=$$($(PY) -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())') \
 	$(PY) manage.py check --deploy --fail-level WARNING
 
