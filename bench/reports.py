@@ -174,7 +174,7 @@ def main() -> int:
     gateway = Proc(
         "gateway-reports",
         [PYTHON, "-m", "uvicorn", "gateway_project.asgi:application",
-         "--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
+         "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--no-proxy-headers"],
         cpu=SERVER_CPU, env=server_env, cwd=ROOT, log_dir=ROOT / "bench" / "out" / "logs",
     )  # fmt: skip
     gateway.wait_port(port, 30)

@@ -448,6 +448,7 @@ def _server_cmd(server: str, port: int) -> list[str]:
             "--port",
             str(port),
             "--no-access-log",
+            "--no-proxy-headers",  # as deployed: X-Forwarded-For is the gateway's
         ]
     if server == "daphne":
         return [

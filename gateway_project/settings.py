@@ -292,6 +292,9 @@ GATEWAY_KEY_HASH_SECRET = env_str("GATEWAY_KEY_HASH_SECRET", SECRET_KEY)
 # Fernet key (urlsafe base64, 32 bytes) encrypting provider keys at rest; derived
 # from SECRET_KEY when unset.
 GATEWAY_ENCRYPTION_KEY = env_str("GATEWAY_ENCRYPTION_KEY", "")
+# Proxies (IPs or CIDR ranges) whose X-Forwarded-For is believed for keys' IP
+# allowlists; empty: the client is the TCP peer, forwarded headers are ignored.
+GATEWAY_TRUSTED_PROXIES = env_list("GATEWAY_TRUSTED_PROXIES", "")
 # Request bodies larger than this are refused with 413.
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)
 # How often each process checks whether keys, models or prices changed.

@@ -17,4 +17,6 @@ for _ in $(seq 50); do
   sleep 0.1
 done
 $PY manage.py demo --url "http://$HOST:$PORT"
-.venv/bin/uvicorn gateway_project.asgi:application --host "$HOST" --port "$PORT" --no-access-log
+# --no-proxy-headers: X-Forwarded-For is the gateway's to judge (GATEWAY_TRUSTED_PROXIES).
+.venv/bin/uvicorn gateway_project.asgi:application --host "$HOST" --port "$PORT" \
+  --no-access-log --no-proxy-headers

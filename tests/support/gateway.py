@@ -53,13 +53,26 @@ def start_gateway(
     *,
     server: str = "uvicorn",
     env: Mapping[str, str | None] | None = None,
+    server_proxy_headers: bool = False,
 ) -> ServerProcess:
+    """Start the gateway as deployed: the servers leave X-Forwarded-For alone, so
+    `GATEWAY_TRUSTED_PROXIES` alone decides whose forwarded address is believed.
+
+    `server_proxy_headers=True` turns the server's own handling on: uvicorn without
+    `--no-proxy-headers` (SPEC's command line as typed; it then replaces the client
+    with an X-Forwarded-For entry when the peer is local), daphne with
+    `--proxy-headers` (which replaces it for every peer).
+    """
     port = free_port()
     if server == "uvicorn":
         argv = [sys.executable, "-m", "uvicorn", "gateway_project.asgi:application"]
         argv += ["--host", HOST, "--port", str(port), "--no-access-log"]
+        if not server_proxy_headers:
+            argv.append("--no-proxy-headers")
     elif server == "daphne":
         argv = [sys.executable, "-m", "daphne", "-v", "0", "-b", HOST, "-p", str(port)]
+        if server_proxy_headers:
+            argv.append("--proxy-headers")
         argv += ["gateway_project.asgi:application"]
     else:
         raise ValueError(server)
