@@ -1,4 +1,4 @@
-"""REST API of keys/: keys/, teams/ and auth/me/ under /api/v1/.
+"""REST API of keys/ under /api/v1/: keys/, teams/, auth/token/ and auth/me/.
 
 Thin views: validate with an input serializer, call one service, answer with an
 output serializer. Every write is audited by the service with `via="api"`.
@@ -28,6 +28,11 @@ from rest_framework.response import Response
 from rest_framework.serializers import as_serializer_error
 from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
+from rest_framework_simplejwt import views as jwt_views
+from rest_framework_simplejwt.serializers import (
+    TokenObtainPairSerializer,
+    TokenRefreshSerializer,
+)
 
 from keys.models import ApiKey, KeyEvent, Quota, Team
 from keys.permissions import KeyAccess, TeamAccess
@@ -320,6 +325,58 @@ class TeamViewSet(
         data.is_valid(raise_exception=True)
         update_team(team=team, **data.validated_data)
         return Response(TeamSerializer(self.get_object()).data)
+
+
+# simplejwt's views, subclassed only to document every answer they give: left to
+# themselves they document 200 alone. Its refusals are {"detail": ...}, plus a
+# `code` for a bad token.
+TOKEN_REFUSED = inline_serializer(
+    "TokenRefused",
+    {
+        "detail": serializers.CharField(),
+        "code": serializers.CharField(
+            required=False, help_text="`token_not_valid` for a bad token"
+        ),
+    },
+)
+
+
+@extend_schema_view(
+    post=extend_schema(
+        summary="Sign in with a username and password",
+        tags=["auth"],
+        responses={
+            200: TokenObtainPairSerializer,
+            400: VALIDATION_ERROR,
+            401: OpenApiResponse(
+                TOKEN_REFUSED,
+                description="No active user with that username and password.",
+            ),
+        },
+    )
+)
+class TokenObtainPairView(jwt_views.TokenObtainPairView):
+    """POST auth/token/: an access token (sent as `Authorization: Bearer ...`) and a
+    refresh token for a username and password."""
+
+
+@extend_schema_view(
+    post=extend_schema(
+        summary="Refresh an access token",
+        tags=["auth"],
+        responses={
+            200: TokenRefreshSerializer,
+            400: VALIDATION_ERROR,
+            401: OpenApiResponse(
+                TOKEN_REFUSED,
+                description="The refresh token is malformed, expired, not a refresh "
+                "token, or its user is no longer active.",
+            ),
+        },
+    )
+)
+class TokenRefreshView(jwt_views.TokenRefreshView):
+    """POST auth/token/refresh/: a new access token for a refresh token."""
 
 
 class MeView(GatewayApiMixin, APIView):

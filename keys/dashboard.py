@@ -22,7 +22,7 @@ from django.utils import timezone
 from keys.models import ApiKey
 from keys.selectors import billing_day_start, billing_month_start
 from usage.models import DailyRollup, UsageRow
-from usage.rollups import billing_day, day_bounds
+from usage.rollups import as_money, billing_day, day_bounds, money_sum
 
 TOP = 10
 
@@ -93,8 +93,10 @@ def admin_dashboard(*, with_keys: bool, now: datetime | None = None) -> Dashboar
         [
             rollups.order_by()
             .values("model")
-            .annotate(n=Sum("requests"), c=Sum("cost_usd")),
-            rows.order_by().values("model").annotate(n=Count("id"), c=Sum("cost_usd")),
+            .annotate(n=Sum("requests"), c=money_sum("cost_usd")),
+            rows.order_by()
+            .values("model")
+            .annotate(n=Count("id"), c=money_sum("cost_usd")),
         ],
         "model",
     )
@@ -118,10 +120,10 @@ def admin_dashboard(*, with_keys: bool, now: datetime | None = None) -> Dashboar
             [
                 rollups.order_by()
                 .values("key_id")
-                .annotate(n=Sum("requests"), c=Sum("cost_usd")),
+                .annotate(n=Sum("requests"), c=money_sum("cost_usd")),
                 rows.order_by()
                 .values("key_id")
-                .annotate(n=Count("id"), c=Sum("cost_usd")),
+                .annotate(n=Count("id"), c=money_sum("cost_usd")),
             ],
             "key_id",
         )
@@ -130,8 +132,8 @@ def admin_dashboard(*, with_keys: bool, now: datetime | None = None) -> Dashboar
         now=now,
         month_start=month_start,
         day_start=day_start,
-        spend_today=today_rows.aggregate(c=Sum("cost_usd"))["c"] or Decimal(0),
-        spend_month=sum((c for _, c in by_model.values()), Decimal(0)),
+        spend_today=as_money(today_rows.aggregate(c=money_sum("cost_usd"))["c"]),
+        spend_month=sum((c for _, c in by_model.values()), as_money(0)),
         requests_month=sum(n for n, _ in by_model.values()),
         requests_hour=hour["n"],
         errors_hour=hour["errors"],
@@ -146,13 +148,16 @@ def admin_dashboard(*, with_keys: bool, now: datetime | None = None) -> Dashboar
 
 
 def _merge(groups: list[Any], column: str) -> dict[Any, tuple[int, Decimal]]:
-    """Add grouped (requests, cost) totals from rollups and rows by their group."""
-    totals: dict[Any, list[Any]] = defaultdict(lambda: [0, Decimal(0)])
+    """Add grouped (requests, cost) totals from rollups and rows by their group.
+
+    Costs come from `money_sum` (whole 1e-10 USD on SQLite) and are added as Decimal.
+    """
+    totals: dict[Any, list[Any]] = defaultdict(lambda: [0, as_money(0)])
     for group in groups:
         for row in group:
             entry = totals[row[column]]
             entry[0] += row["n"] or 0
-            entry[1] += row["c"] or Decimal(0)
+            entry[1] += as_money(row["c"])
     return {name: (n, c) for name, (n, c) in totals.items()}
 
 

@@ -18,7 +18,7 @@ from keys.models import ApiKey, KeyEvent, Quota, Team
 from keys.roles import is_finance
 from keys.secrets import parse_prefix, verify_secret
 from usage.models import UsageRow
-from usage.rollups import billing_day, billing_zone, day_bounds
+from usage.rollups import as_money, billing_day, billing_zone, day_bounds, money_sum
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,11 +241,11 @@ def usage_totals(
         .annotate(
             n=Count("id"),
             tokens=Sum(F("prompt_tokens") + F("completion_tokens")),
-            cost=Sum("cost_usd"),
+            cost=money_sum("cost_usd"),
         )
     )
     return {
-        t[column]: Totals(t["n"], int(t["tokens"] or 0), t["cost"] or Decimal(0))
+        t[column]: Totals(t["n"], int(t["tokens"] or 0), as_money(t["cost"]))
         for t in totals
     }
 
@@ -328,9 +328,9 @@ def key_spend(
     found = rows.order_by().aggregate(
         n=Count("id"),
         tokens=Sum(F("prompt_tokens") + F("completion_tokens")),
-        cost=Sum("cost_usd"),
+        cost=money_sum("cost_usd"),
     )
-    return Totals(found["n"], int(found["tokens"] or 0), found["cost"] or Decimal(0))
+    return Totals(found["n"], int(found["tokens"] or 0), as_money(found["cost"]))
 
 
 def key_page_stats(
@@ -349,7 +349,7 @@ def key_page_stats(
     spend = (
         rows.filter(created_at__gte=month)
         .values("key_id")
-        .annotate(total=Sum("cost_usd"))
+        .annotate(total=money_sum("cost_usd"))
         .values("total")
     )
     last = rows.order_by("-created_at").values("created_at")[:1]
@@ -361,7 +361,7 @@ def key_page_stats(
     )
     return {
         row["pk"]: {
-            "spend_usd": row["spend_usd"] or Decimal(0),
+            "spend_usd": as_money(row["spend_usd"]),
             "last_used_at": row["last_used_at"],
         }
         for row in found

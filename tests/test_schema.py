@@ -29,9 +29,14 @@ from schemathesis.checks import (  # noqa: E402
 )
 from schemathesis.generation import GenerationMode  # noqa: E402
 
-# Routes whose every status code is in the schema (keys/ app); the others are held
-# to "no 5xx, and documented answers match".
-FULLY_DOCUMENTED = ("/api/v1/keys/", "/api/v1/teams/", "/api/v1/auth/me/")
+# Routes whose every status code is in the schema (keys/ app and the JWT routes);
+# the others are held to "no 5xx, and documented answers match".
+FULLY_DOCUMENTED = (
+    "/api/v1/keys/",
+    "/api/v1/teams/",
+    "/api/v1/auth/me/",
+    "/api/v1/auth/token/",
+)
 # Keep each operation short: ~20 operations x 20 examples stay under a minute.
 EXAMPLES = 20
 
@@ -48,6 +53,17 @@ def staff_token(transactional_db: None) -> str:
             quotas=[QuotaSpec("requests", "minute", Decimal(60))],
         )
     return str(RefreshToken.for_user(user).access_token)
+
+
+@pytest.fixture
+def password_user(transactional_db: None) -> tuple[str, str]:
+    get_user_model().objects.create_user("schema-user", password="schema-pw-1")
+    return "schema-user", "schema-pw-1"
+
+
+def documented_codes(gateway: Any, path: str) -> set[str]:
+    document = httpx.get(f"{gateway.url}/api/schema/?format=json").json()
+    return set(document["paths"][path]["post"]["responses"])
 
 
 def operation_labels() -> list[str]:
@@ -90,6 +106,53 @@ def test_the_schema_is_served_and_names_every_key_route(gateway):
     assert "secret" not in key and "secret_hash" not in key
     assert "secret" in document["components"]["schemas"]["IssuedKey"]["properties"]
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_the_token_route_documents_and_answers_400_and_401(gateway, password_user):
+    url = f"{gateway.url}/api/v1/auth/token/"
+    username, password = password_user
+
+    documented = documented_codes(gateway, "/api/v1/auth/token/")
+    missing = httpx.post(url, json={"username": username})
+    malformed = httpx.post(
+        url, content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    wrong = httpx.post(url, json={"username": username, "password": "wrong"})
+    unknown = httpx.post(url, json={"username": "nobody", "password": password})
+    right = httpx.post(url, json={"username": username, "password": password})
+
+    assert {"200", "400", "401"} <= documented
+    assert (missing.status_code, malformed.status_code) == (400, 400)
+    assert missing.json() == {"password": ["This field is required."]}
+    assert (wrong.status_code, unknown.status_code) == (401, 401)
+    assert wrong.json() == unknown.json()  # an unknown user reads as a wrong password
+    assert set(wrong.json()) == {"detail"}
+    assert wrong.headers["WWW-Authenticate"] == 'Bearer realm="api"'
+    assert right.status_code == 200
+    assert set(right.json()) == {"access", "refresh"}
+
+
+def test_the_refresh_route_documents_and_answers_400_and_401(gateway, password_user):
+    url = f"{gateway.url}/api/v1/auth/token/refresh/"
+    username, password = password_user
+    tokens = httpx.post(
+        f"{gateway.url}/api/v1/auth/token/",
+        json={"username": username, "password": password},
+    ).json()
+
+    documented = documented_codes(gateway, "/api/v1/auth/token/refresh/")
+    missing = httpx.post(url, json={})
+    garbage = httpx.post(url, json={"refresh": "not-a-token"})
+    access_instead = httpx.post(url, json={"refresh": tokens["access"]})
+    fresh = httpx.post(url, json={"refresh": tokens["refresh"]})
+
+    assert {"200", "400", "401"} <= documented
+    assert missing.status_code == 400
+    assert missing.json() == {"refresh": ["This field is required."]}
+    assert (garbage.status_code, access_instead.status_code) == (401, 401)
+    assert garbage.json()["code"] == access_instead.json()["code"] == "token_not_valid"
+    assert fresh.status_code == 200
+    assert set(fresh.json()) == {"access"}
 
 
 @pytest.mark.parametrize("label", OPERATIONS)

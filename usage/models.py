@@ -161,6 +161,15 @@ class DailyRollup(models.Model):
                 fields=["day", "key", "team", "model"],
                 name="rollup_unique_day_key_team_model",
             ),
+            # NULLs are distinct in a unique index, so the constraint above never
+            # sees two team-less lines as equal; this one does. A partial index
+            # rather than `nulls_distinct=False`, which SQLite lacks (Django would
+            # skip the whole constraint there) and PostgreSQL has only from 15 on.
+            models.UniqueConstraint(
+                fields=["day", "key", "model"],
+                condition=Q(team__isnull=True),
+                name="rollup_unique_day_key_model_teamless",
+            ),
         ]
         indexes = [models.Index(fields=["day"], name="rollup_day")]
 

@@ -103,9 +103,10 @@ def _lock_day(day: date) -> None:
     """Serialise rebuilds of one day across processes until the transaction ends.
 
     Without it two rebuilds on PostgreSQL both delete the old rows and both insert
-    new ones, and (team NULL never conflicts in a unique index) a day is doubled.
-    SQLite needs nothing: its transactions take the write lock up front
-    (`transaction_mode` IMMEDIATE in settings).
+    new ones; the rollups' unique constraints (team-less lines included) refuse the
+    second set, so that rebuild would fail with an IntegrityError. With it, the
+    second waits and recomputes. SQLite needs nothing: its transactions take the
+    write lock up front (`transaction_mode` IMMEDIATE in settings).
     """
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:

@@ -360,6 +360,35 @@ def test_the_key_list_shows_spend_this_month_and_last_use(admin_client):
     assert "0.7500" in response.content.decode()
 
 
+def test_the_key_list_sums_spend_and_quota_use_exactly(admin_client):
+    # Summed as doubles (SQLite's SUM of a decimal column), these thousand costs
+    # make 0.457949999999996: shown as 0.4579 and short of the limit they reach.
+    key, _ = factories.make_key(
+        quotas=[QuotaSpec("cost_usd", "month", Decimal("0.45795"))]
+    )
+    now = timezone.now()
+    UsageRow.objects.bulk_create(
+        usage_row(
+            key,
+            request_id=f"req-{n}",
+            created_at=now,
+            provider="fake",
+            cost_usd=Decimal("0.0004579500"),
+        )
+        for n in range(1000)
+    )
+
+    response = admin_client.get(LIST_URL)
+
+    row = response.context["cl"].result_list[0]
+    [use] = row.quota_uses
+    assert row.spend_usd == Decimal("0.45795")
+    assert use.used == use.limit == Decimal("0.45795")
+    page = response.content.decode()
+    assert '<td class="field-spend_this_month">0.4580</td>' in page
+    assert "<strong>USD/month 0.4580 / 0.45795</strong>" in page
+
+
 def test_the_key_list_answers_in_a_bounded_number_of_queries(
     admin_client, django_assert_max_num_queries
 ):

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from django.contrib.auth.models import Group, User
 from django.core.management import CommandError, call_command
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.test import override_settings
 from django.utils import timezone
 from hypothesis import HealthCheck, given
@@ -285,7 +285,7 @@ def test_rolling_up_leaves_other_days_alone():
 
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_rebuilds_of_a_day_never_double_it():
-    key, _ = factories.make_key()  # no team: NULL never conflicts in a unique index
+    key, _ = factories.make_key()  # no team: lines only the partial index compares
     now = timezone.now()
     UsageRow.objects.bulk_create(
         [usage_row(key, now, model=m) for m in ("a", "b", "c") for _ in range(5)]
@@ -317,6 +317,50 @@ def test_concurrent_rebuilds_of_a_day_never_double_it():
         ("b", 5),
         ("c", 5),
     ]
+
+
+def rollup_line(key: ApiKey, **fields: Any) -> DailyRollup:
+    values: dict[str, Any] = {"day": date(2026, 3, 17), "key": key, "model": "m1"}
+    values.update(fields)
+    return DailyRollup(**values)
+
+
+def test_the_database_refuses_a_second_team_less_line_for_a_day_key_and_model():
+    key, _ = factories.make_key()
+    rollup_line(key, team_id=None).save()
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        rollup_line(key, team_id=None).save()
+
+    assert DailyRollup.objects.count() == 1
+
+
+def test_the_database_refuses_a_second_line_of_a_team():
+    team = factories.make_team()
+    key, _ = factories.make_key(team=team)
+    rollup_line(key, team_id=team.pk).save()
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        rollup_line(key, team_id=team.pk).save()
+
+    assert DailyRollup.objects.count() == 1
+
+
+def test_a_team_less_line_and_a_team_line_of_one_day_key_and_model_coexist():
+    # A key that moved to a team mid-day has rows with and without it.
+    team = factories.make_team()
+    key, _ = factories.make_key()
+
+    DailyRollup.objects.bulk_create(
+        [
+            rollup_line(key, team_id=None),
+            rollup_line(key, team_id=team.pk),
+            rollup_line(key, team_id=None, model="m2"),
+            rollup_line(key, team_id=None, day=date(2026, 3, 18)),
+        ]
+    )
+
+    assert DailyRollup.objects.count() == 4
 
 
 @pytest.mark.django_db(transaction=True)
