@@ -38,7 +38,13 @@ from keys.dashboard import admin_dashboard
 from keys.forms import ApiKeyForm, RotateKeyForm
 from keys.models import ApiKey, KeyEvent, Quota, Team
 from keys.secrets import SECRET_PREFIX
-from keys.selectors import QuotaUse, key_events, key_page_stats, quota_uses
+from keys.selectors import (
+    QuotaUse,
+    key_events,
+    key_page_stats,
+    quota_uses,
+    team_quota_uses,
+)
 from keys.services import (
     QuotaSpec,
     issue_key,
@@ -197,6 +203,37 @@ def describe_use(use: QuotaUse) -> str:
     return f"{scope}{metric}/{period} {used} / {limit_text(use.limit)}"
 
 
+def render_uses(uses: Sequence[QuotaUse]) -> str:
+    """One line per quota; a quota at or over its limit stands out."""
+    if not uses:
+        return "—"
+    lines = (
+        format_html(
+            "<div><strong>{}</strong></div>"
+            if use.used >= use.limit
+            else "<div>{}</div>",
+            describe_use(use),
+        )
+        for use in uses
+    )
+    return format_html_join("", "{}", ((line,) for line in lines))
+
+
+class TeamChangeList(ChangeList):
+    """Adds each team's quota use to the page, one query per period present."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        attach_team_uses(list(self.result_list))
+
+
+def attach_team_uses(teams: Sequence[Team]) -> None:
+    """Set `quota_uses` on these teams (their quotas prefetched)."""
+    uses = team_quota_uses([(team.pk, list(team.quotas.all())) for team in teams])
+    for team in teams:
+        team.quota_uses = uses.get(team.pk, [])  # type: ignore[attr-defined]
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     form = ApiKeyForm
@@ -335,20 +372,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.display(description="quota use")
     def quota_use(self, obj: ApiKey) -> str:
-        uses: list[QuotaUse] = getattr(obj, "quota_uses", [])
-        if not uses:
-            return "—"
-        # A quota at or over its limit stands out.
-        lines = (
-            format_html(
-                "<div><strong>{}</strong></div>"
-                if use.used >= use.limit
-                else "<div>{}</div>",
-                describe_use(use),
-            )
-            for use in uses
-        )
-        return format_html_join("", "{}", ((line,) for line in lines))
+        return render_uses(getattr(obj, "quota_uses", []))
 
     @admin.display(description="events (newest first)")
     def audit_trail(self, obj: ApiKey) -> str:
@@ -564,12 +588,34 @@ class ApiKeyAdmin(admin.ModelAdmin):
 @admin.register(Team)
 class TeamAdmin(admin.ModelAdmin):
     inlines = [QuotaInline]
-    fields = ["name"]
-    list_display = ["name", "key_count", "created_at"]
+    fields = ["name", "quota_use"]
+    readonly_fields = ["quota_use"]
+    list_display = ["name", "key_count", "quota_use", "created_at"]
     search_fields = ["name"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Team]:
-        return super().get_queryset(request).annotate(keys_total=Count("api_keys"))
+        ordered = Quota.objects.order_by("metric", "period")
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(keys_total=Count("api_keys"))
+            .prefetch_related(Prefetch("quotas", queryset=ordered))
+        )
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return TeamChangeList
+
+    def get_object(
+        self, request: HttpRequest, object_id: str, from_field: str | None = None
+    ) -> Team | None:
+        team = super().get_object(request, object_id, from_field)
+        if team is not None:
+            attach_team_uses([team])
+        return team
+
+    @admin.display(description="quota use")
+    def quota_use(self, obj: Team) -> str:
+        return render_uses(getattr(obj, "quota_uses", []))
 
     def has_delete_permission(
         self, request: HttpRequest, obj: Team | None = None

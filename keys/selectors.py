@@ -260,44 +260,61 @@ def quota_uses(
     aggregate query per scope and period present, whatever the number of keys: a
     page of 100 keys costs at most ten queries, never one per key.
     """
-    now = now or timezone.now()
-    wanted: dict[tuple[str, str], set[int]] = defaultdict(set)
+    quotas_of: dict[tuple[str, int], Sequence[Quota]] = {}
     for key_id, team_id, key_quotas, team_quotas in owners:
-        for quota in key_quotas:
-            wanted["key", quota.period].add(key_id)
-        for quota in team_quotas:
-            if team_id is not None:
-                wanted["team", quota.period].add(team_id)
+        quotas_of["key", key_id] = key_quotas
+        if team_id is not None:
+            quotas_of["team", team_id] = team_quotas
+    uses = _owner_quota_uses(quotas_of, now or timezone.now())
+    return {
+        key_id: [
+            *uses.get(("key", key_id), []),
+            *(uses.get(("team", team_id), []) if team_id is not None else []),
+        ]
+        for key_id, team_id, _, _ in owners
+    }
+
+
+def team_quota_uses(
+    teams: Sequence[tuple[int, Sequence[Quota]]], now: datetime | None = None
+) -> dict[int, list[QuotaUse]]:
+    """Each team's quotas with their current use, `{team id: [QuotaUse, ...]}`,
+    counted as `quota_uses` counts (one query per period present)."""
+    quotas_of = {("team", team_id): quotas for team_id, quotas in teams}
+    uses = _owner_quota_uses(quotas_of, now or timezone.now())
+    return {team_id: uses.get(("team", team_id), []) for team_id, _ in teams}
+
+
+def _owner_quota_uses(
+    quotas_of: dict[tuple[str, int], Sequence[Quota]], now: datetime
+) -> dict[tuple[str, int], list[QuotaUse]]:
+    wanted: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for (scope, owner_id), quotas in quotas_of.items():
+        for quota in quotas:
+            wanted[scope, quota.period].add(owner_id)
     windows = {period: quota_window(period, now) for _, period in wanted}
     totals = {
         (scope, period): usage_totals(scope=scope, ids=ids, since=windows[period][0])
         for (scope, period), ids in wanted.items()
     }
-    result: dict[int, list[QuotaUse]] = {}
-    for key_id, team_id, key_quotas, team_quotas in owners:
+    result: dict[tuple[str, int], list[QuotaUse]] = {}
+    for (scope, owner_id), quotas in quotas_of.items():
         uses = []
-        scoped: list[tuple[str, int | None, Sequence[Quota]]] = [
-            ("key", key_id, key_quotas),
-            ("team", team_id, team_quotas),
-        ]
-        for scope, owner_id, quotas in scoped:
-            for quota in sorted(quotas, key=lambda q: (q.metric, q.period)):
-                if owner_id is None:
-                    continue
-                start, resets = windows[quota.period]
-                found = totals[scope, quota.period].get(owner_id, Totals())
-                uses.append(
-                    QuotaUse(
-                        scope=scope,
-                        metric=quota.metric,
-                        period=quota.period,
-                        limit=quota.limit,
-                        used=found.of(quota.metric),
-                        window_start=start,
-                        resets_at=resets,
-                    )
+        for quota in sorted(quotas, key=lambda q: (q.metric, q.period)):
+            start, resets = windows[quota.period]
+            found = totals[scope, quota.period].get(owner_id, Totals())
+            uses.append(
+                QuotaUse(
+                    scope=scope,
+                    metric=quota.metric,
+                    period=quota.period,
+                    limit=quota.limit,
+                    used=found.of(quota.metric),
+                    window_start=start,
+                    resets_at=resets,
                 )
-        result[key_id] = uses
+            )
+        result[scope, owner_id] = uses
     return result
 
 

@@ -17,7 +17,7 @@ from django.utils import timezone
 from keys.models import ApiKey, Quota, Team
 from keys.secrets import hash_secret
 from keys.selectors import key_info_for_secret
-from keys.services import QuotaSpec, revoke_key
+from keys.services import QuotaSpec, revoke_key, upsert_team
 from relay.generation import read_config_generation
 from tests import factories
 from usage.models import UsageRow
@@ -432,6 +432,52 @@ def test_a_team_is_added_with_quotas_and_lists_its_keys(
     assert read_config_generation() > before
     assert listing.context["cl"].result_list[0].keys_total == 2
     assert f"?team__id__exact={team.pk}" in listing.content.decode()
+
+
+def test_the_team_list_and_page_show_each_quota_s_use_across_its_keys(
+    admin_client, django_assert_max_num_queries
+):
+    team = upsert_team(
+        name="research",
+        quotas=[
+            QuotaSpec("requests", "day", Decimal(10)),
+            QuotaSpec("cost_usd", "month", Decimal("0.75")),
+        ],
+    )
+    idle = upsert_team(name="idle", quotas=[QuotaSpec("tokens", "hour", Decimal(5))])
+    now = timezone.now()
+    for cost in ("0.25", "0.50"):
+        key, _ = factories.make_key(team=team)
+        UsageRow.objects.bulk_create(
+            [usage_row(key, created_at=now, provider="fake", cost_usd=Decimal(cost))]
+        )
+    old_key, _ = factories.make_key(team=team)
+    UsageRow.objects.bulk_create(
+        [
+            usage_row(
+                old_key,
+                created_at=now - timedelta(days=40),
+                provider="fake",
+                cost_usd=Decimal(5),
+            )
+        ]
+    )
+
+    with django_assert_max_num_queries(10):
+        listing = admin_client.get(reverse("admin:keys_team_changelist"))
+    page = admin_client.get(reverse("admin:keys_team_change", args=[team.pk]))
+
+    uses = {t.name: t.quota_uses for t in listing.context["cl"].result_list}
+    assert [(u.metric, u.period, u.used, u.limit) for u in uses["research"]] == [
+        ("cost_usd", "month", Decimal("0.75"), Decimal("0.75")),
+        ("requests", "day", 2, Decimal(10)),
+    ]
+    assert [(u.metric, u.used) for u in uses["idle"]] == [("tokens", 0)]
+    assert idle.pk != team.pk
+    html = listing.content.decode()
+    assert "<strong>team USD/month 0.7500 / 0.75</strong>" in html
+    assert "<div>team req/day 2 / 10</div>" in html
+    assert "team req/day 2 / 10" in page.content.decode()
 
 
 def test_teams_cannot_be_deleted(admin_client):
