@@ -10,14 +10,18 @@ Each quota of a key or of its team is a *counter*: a hash of time buckets.
 Amounts are integers: requests, tokens, and cost in micro-USD rounded up, so the
 counters never under-count what the ledger (exact to 1e-10 USD) will say.
 
-A reservation is also recorded as pending, with an expiry. A request that is never
-settled (its process was killed) has its reservation removed on expiry, by the next
-check on that counter. Settling replaces the reserved amount with the actual one.
+A reservation is also recorded as pending, with an expiry. While its request runs,
+the process that made it renews the expiry (one batched call per event loop, every
+half TTL), so a stream may outlive the TTL; a request that is never settled because
+its process was killed stops being renewed, and its reservation is removed on expiry
+by the next check on that counter. Settling replaces the reserved amount with the
+actual one.
 
 Backends: Redis (one Lua script, one round trip for all counters of a request) when
 REDIS_URL is set, else an in-process limiter with the same semantics. A counter that
 Redis has lost (flush, restart, idle expiry) is rebuilt from the usage ledger
-(`keys.quota_ledger`) before it is used again.
+(`keys.quota_ledger`) before it is used again; while the ledger cannot be read,
+budgets are refused and rates limited per process, as when Redis is down.
 """
 
 from __future__ import annotations
@@ -153,6 +157,8 @@ class Reservation:
     settled: bool = False
     # The in-process limiter that holds it, when Redis did not (embedded or fallback).
     local: Any = None
+    # How long it holds its room unless renewed (reservation_ttl_ms).
+    ttl_ms: int = 0
 
 
 class QuotaRefused(Exception):
@@ -169,8 +175,9 @@ class QuotaUnavailable(Exception):
 
 
 def reservation_ttl_ms(timeout_s: float) -> int:
-    """How long an unsettled reservation holds its room: the longest a request can
-    take (provider timeout, retries, disconnect grace) and a margin."""
+    """How long an unsettled reservation holds its room without being renewed: the
+    longest a whole answer can take (provider timeout, retries, disconnect grace) and
+    a margin. Its process renews it every half of that while the request runs."""
     grace = settings.GATEWAY_DISCONNECT_GRACE_S
     return int(
         (timeout_s * (settings.GATEWAY_UPSTREAM_RETRIES + 1) + grace + 60) * 1000
@@ -178,13 +185,14 @@ def reservation_ttl_ms(timeout_s: float) -> int:
 
 
 def new_reservation(
-    counters: list[Counter], demand: Demand, now_ms: int
+    counters: list[Counter], demand: Demand, now_ms: int, ttl_ms: int
 ) -> Reservation:
     return Reservation(
         id=uuid.uuid4().hex,
         counters=counters,
         amounts=[demand.amount(c.quota.metric) for c in counters],
         buckets=[c.bucket(now_ms) for c in counters],
+        ttl_ms=ttl_ms,
     )
 
 

@@ -32,7 +32,7 @@ QUOTA_REBUILDS = Counter(
 )
 QUOTA_BACKEND_ERRORS = Counter(
     "gateway_quota_backend_errors_total",
-    "Quota checks or settlements that could not reach Redis",
+    "Quota checks, settlements or renewals that could not reach Redis or the usage ledger",
 )
 AUTH_FAILURES = Counter("gateway_auth_failures_total", "Requests refused for their key")
 OPEN_STREAMS = Gauge("gateway_open_streams", "Streams being relayed right now")

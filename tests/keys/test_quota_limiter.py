@@ -163,6 +163,23 @@ async def test_an_amount_of_zero_passes_a_counter_that_is_full(backend):
         await reserve(backend, key, Demand(cost_micros=1), T0)
 
 
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+async def test_the_in_process_limiter_keeps_no_trace_of_settled_reservations(backend):
+    """Expiries are kept in a heap that settled reservations leave stale entries in;
+    it is compacted, so memory follows the reservations in flight, not the traffic."""
+    key = backend.key([("tokens", "day", 10**9)])
+    await reserve(backend, key, Demand(tokens=1), T0)  # in flight throughout
+    for _ in range(1_000):
+        done = await reserve(backend, key, Demand(tokens=5), T0)
+        await backend.limiter.settle(done, Demand(tokens=2), T0)
+
+    [counter] = counters_for(key, T0)
+    state = backend.limiter.local._counters[counter.name]
+    assert len(state.pending) == 1
+    assert len(state.expiries) <= 2 * 1 + 8
+    assert await peek(backend, key, T0) == [(True, 1 + 2_000, 1)]
+
+
 @pytest.mark.parametrize(
     "backend",
     [
@@ -222,8 +239,7 @@ def test_limiters_in_parallel_threads_sharing_redis_admit_exactly_the_limit(
                 except QuotaRefused:
                     continue
                 admitted.append(1)
-            for client in limiter._clients.values():
-                await client.aclose()
+            await limiter.aclose()
 
         asyncio.run(run())
 

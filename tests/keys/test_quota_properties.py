@@ -1,15 +1,21 @@
 """The limiter's arithmetic against a reference model (hypothesis).
 
-Random sequences of reserve / settle / advance-the-clock run on the limiter (both
-backends) and on `Reference`: a plain list of (time, amounts, expiry, settled?)
-events, from which a counter's use is recomputed from scratch each time:
+Random sequences of reserve / settle / renew / advance-the-clock run on the limiter
+(both backends) and on `Reference`: a plain list of (time, amounts, expiry,
+settled?) events, from which a counter's use is recomputed from scratch each time:
 
 - an event counts on a counter while its bucket is in the counter's window (sliding
   periods) or it belongs to the counter's calendar period (same counter name);
 - a settled event counts its actual amounts; an unsettled one its reserved amounts
   until it expires, then nothing;
+- renewing (what the limiter's background task does while requests run) moves the
+  expiry of every unsettled, unexpired event to now + its TTL; an expired one stays
+  expired;
 - a request is admitted iff every counter has room for its (non-zero) amount, and
   then it is reserved on all of them, else on none.
+
+Expiries, settlements and renewals in any order exercise the in-process limiter's
+heap of expiries (stale entries, compaction) against the same model as Redis.
 
 The limiter must take the same decisions, report the same use, and list the same
 reservations as pending.
@@ -84,12 +90,18 @@ class Advance:
     ms: int
 
 
+@dataclass(frozen=True)
+class Renew:
+    pass
+
+
 @dataclass
 class Event:
     names: list[str]
     buckets: list[int]
     reserved: list[int]
     expire_at_ms: int
+    ttl_ms: int
     actual: list[int] | None = None
 
 
@@ -115,6 +127,11 @@ class Reference:
                 total += event.reserved[i]
         return total
 
+    def renew(self, now_ms: int) -> None:
+        for event in self.events:
+            if event.actual is None and event.expire_at_ms > now_ms:
+                event.expire_at_ms = max(event.expire_at_ms, now_ms + event.ttl_ms)
+
     def pending(self, counters: list[Counter], now_ms: int) -> list[int]:
         return [
             sum(
@@ -138,8 +155,12 @@ quota_sets = st.lists(
 )
 
 
-def operations(least: int) -> st.SearchStrategy[list[Reserve | Settle | Advance]]:
-    """Reserve / settle / advance sequences; amounts reserved are at least `least`."""
+Operation = Reserve | Settle | Renew | Advance
+
+
+def operations(least: int) -> st.SearchStrategy[list[Operation]]:
+    """Reserve / settle / renew / advance sequences; amounts reserved are at least
+    `least`."""
     return st.lists(
         st.one_of(
             st.builds(
@@ -156,6 +177,7 @@ def operations(least: int) -> st.SearchStrategy[list[Reserve | Settle | Advance]
                 tokens=st.integers(0, 15),
                 cost_micros=st.integers(0, 15),
             ),
+            st.just(Renew()),
             st.builds(
                 Advance,
                 ms=st.one_of(st.sampled_from(STEPS_MS), st.integers(0, 90_000)),
@@ -194,6 +216,30 @@ PROPERTY_SETTINGS = hypothesis_settings(
 )
 
 
+# A reservation renewed past its first expiry, then expiring one TTL after that.
+RENEWED = [
+    Reserve(1, 6, 1, 500),
+    Advance(400),
+    Renew(),
+    Advance(400),
+    Reserve(1, 5, 1, 500),  # refused: the first still holds 6 of 10
+    Advance(200),
+    Reserve(1, 5, 1, 500),  # admitted: the first expired at 900 ms
+]
+# Settlements leave stale heap entries until the heap is compacted; the first
+# reservation outlives the compaction and must still expire on time.
+CHURN = [
+    Reserve(1, 1, 1, 60_000),
+    *(
+        op
+        for i in range(1, 13)
+        for op in (Reserve(1, 1, 1, 60_000), Settle(i, 1, 0, 0))
+    ),
+    Advance(60_000),
+    Reserve(1, 1, 1, 500),
+]
+
+
 @PROPERTY_SETTINGS
 @given(
     quotas=quota_sets,
@@ -201,6 +247,8 @@ PROPERTY_SETTINGS = hypothesis_settings(
     zone=st.sampled_from(["UTC", "America/New_York"]),
     ops=operations(least=1),
 )
+@example(quotas=[(("tokens", "day"), 10)], start=STARTS[0], zone="UTC", ops=RENEWED)
+@example(quotas=[(("tokens", "day"), 30)], start=STARTS[0], zone="UTC", ops=CHURN)
 async def test_the_limiter_agrees_with_a_reference_model_of_its_counters(
     backend, quotas, start, zone, ops
 ):
@@ -239,7 +287,7 @@ async def check_against_reference(
     quotas: list[tuple[tuple[str, str], int]],
     start: datetime,
     zone: str,
-    ops: list[Reserve | Settle | Advance],
+    ops: list[Operation],
 ) -> None:
     key = make_key(backend, quotas)
     limiter, reference = backend.limiter, Reference()
@@ -250,6 +298,9 @@ async def check_against_reference(
             note(f"{now.isoformat()} {op}")
             if isinstance(op, Advance):
                 now += timedelta(milliseconds=op.ms)
+            elif isinstance(op, Renew):
+                await limiter.renew(now)
+                reference.renew(ms(now))
             elif isinstance(op, Settle):
                 if admitted:
                     reservation, event = admitted[op.which % len(admitted)]
@@ -290,6 +341,7 @@ async def reserve_and_compare(
             buckets=[c.bucket(ms(now)) for c in counters],
             reserved=amounts,
             expire_at_ms=ms(now) + op.ttl_ms,
+            ttl_ms=op.ttl_ms,
         )
         reference.events.append(event)
         made.append((reservation, event))

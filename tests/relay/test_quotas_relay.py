@@ -26,8 +26,10 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.testing import HttpCommunicator
 from django.conf import settings
-from django.db import connections
+from django.db import OperationalError, connections
 
+from keys import quota_ledger
+from keys.limiter import Limiter
 from keys.models import Quota
 from keys.services import QuotaSpec, config_changed, quota_specs
 from relay import quota_admission, upstream
@@ -455,15 +457,16 @@ async def in_process(secret: str, payload: dict[str, Any]) -> dict[str, Any]:
     return response
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a reservation expires after reservation_ttl_ms(provider timeout) "
-    "(keys/quotas.py), (timeout x (retries+1) + grace + 60) s, but a stream has no "
-    "total timeout (relay/upstream.py _timeout: sock_read only) and nothing renews "
-    "the reservation (relay/consumers.py); a stream outliving it frees its room "
-    "while it still spends. Fix: renew the reservation's expiry while the request "
-    "runs (e.g. each TTL/2 during relay_stream), or bound streams by the TTL",
-)
+async def close_in_process() -> None:
+    """What the in-process consumer opened: snapshots, upstream sessions."""
+    await snapshot.close()
+    snapshot.forget()
+    await upstream.close_sessions()
+    # The snapshot was read in database_sync_to_async's thread: close its
+    # connection, or PostgreSQL cannot drop the test database at the end.
+    await database_sync_to_async(connections.close_all)()
+
+
 async def test_a_stream_that_outlives_its_reservation_ttl_still_holds_its_room(
     relay_config, monkeypatch
 ):
@@ -486,12 +489,45 @@ async def test_a_stream_that_outlives_its_reservation_ttl_still_holds_its_room(
         meanwhile = await in_process(secret, body(relay_config["model"], max_tokens=30))
         first = await streaming
     finally:
-        await snapshot.close()
-        snapshot.forget()
-        await upstream.close_sessions()
-        # The snapshot was read in database_sync_to_async's thread: close its
-        # connection, or PostgreSQL cannot drop the test database at the end.
-        await database_sync_to_async(connections.close_all)()
+        await close_in_process()
 
     assert first["status"] == 200
     assert meanwhile["status"] == 429  # the stream still holds the room
+
+
+# --- the usage ledger unreachable ---------------------------------------------------
+
+
+def ledger_down(counters: Any, now: Any) -> Any:
+    raise OperationalError("connection to server at 127.0.0.1 failed")
+
+
+async def test_while_the_ledger_cannot_rebuild_counters_budgets_get_503_rates_are_served(
+    relay_config, monkeypatch
+):
+    """PostgreSQL down when a counter must be rebuilt (new process, Redis flushed,
+    new month): as when Redis is down, never 500."""
+    monkeypatch.setenv(PROVIDER_KEY_ENV, PROVIDER_KEY)
+    monkeypatch.setattr("relay.metering.recorder", Rows())
+    monkeypatch.setattr(quota_ledger, "spent_many", ledger_down)
+    own = Limiter()  # the ledger's back-off stays out of other tests' limiter
+    monkeypatch.setattr(quota_admission, "limiter", lambda: own)
+    _, budget_secret = await sync_to_async(factories.make_key)(
+        quotas=quota_specs(budget_usd=Decimal(5))
+    )
+    _, rate_secret = await sync_to_async(factories.make_key)(
+        quotas=quota_specs(rpm=10, tpm=10_000)
+    )
+    snapshot.forget()
+    try:
+        budget = await in_process(budget_secret, body(relay_config["model"]))
+        rate = await in_process(rate_secret, body(relay_config["model"]))
+    finally:
+        await own.aclose()
+        await close_in_process()
+
+    assert budget["status"] == 503
+    assert orjson.loads(budget["body"])["error"]["code"] == "quota_unavailable"
+    assert (b"retry-after", b"1") in budget["headers"]
+    assert rate["status"] == 200
+    assert (b"x-ratelimit-limit-requests", b"10") in rate["headers"]

@@ -9,6 +9,8 @@
   each other's counters. Starting the ids at a random offset keeps them apart.
 - `LimiterBackend`: a fresh `keys.limiter.Limiter` on the in-process or the Redis
   backend, keys (`KeyInfo`) with random ids, and the clean-up of their counters.
+  It does not renew reservations in the background unless asked: renewals read the
+  real clock, and most unit tests pass a controlled one (they call `renew(now)`).
 """
 
 from __future__ import annotations
@@ -118,10 +120,12 @@ class LimiterBackend:
     it on every call, as it does in the gateway.
     """
 
-    def __init__(self, name: str, redis_url: str | None) -> None:
+    def __init__(
+        self, name: str, redis_url: str | None, *, renew_in_background: bool = False
+    ) -> None:
         self.name = name
         self.redis_url = redis_url
-        self.limiter = Limiter()
+        self.limiter = Limiter(renew_in_background=renew_in_background)
         self._key_ids: list[int] = []
 
     def key(
@@ -136,8 +140,7 @@ class LimiterBackend:
         return key
 
     async def close(self) -> None:
-        for client in self.limiter._clients.values():
-            await client.aclose()
+        await self.limiter.aclose()
         if self.redis_url is not None:
             client = redis.Redis.from_url(self.redis_url)
             try:
@@ -175,7 +178,12 @@ def unit_key(
 
 
 def limiter_backend(
-    name: str, request: Any, settings: Any, monkeypatch: Any
+    name: str,
+    request: Any,
+    settings: Any,
+    monkeypatch: Any,
+    *,
+    renew_in_background: bool = False,
 ) -> LimiterBackend:
     """For a fixture: point settings at Redis ("redis": skips or fails like the
     `redis_url` fixture when it is missing) or at nothing ("local"), and stub the
@@ -187,7 +195,7 @@ def limiter_backend(
     monkeypatch.setattr(
         quota_ledger, "spent_many", lambda counters, now: [[] for _ in counters]
     )
-    return LimiterBackend(name, url)
+    return LimiterBackend(name, url, renew_in_background=renew_in_background)
 
 
 def forget_all_counters(redis_url: str | None) -> None:
