@@ -11,6 +11,7 @@ stays the source of truth and is read whenever Redis cannot answer.
 from __future__ import annotations
 
 import logging
+import secrets
 
 from django.conf import settings
 from django.db import transaction
@@ -33,9 +34,16 @@ def bump_config_generation() -> None:
 def _bump_now() -> None:
     updated = ConfigGeneration.objects.filter(pk=1).update(value=F("value") + 1)
     if not updated:
-        ConfigGeneration.objects.get_or_create(pk=1, defaults={"value": 1})
+        ConfigGeneration.objects.get_or_create(pk=1, defaults={"value": _first_value()})
     value = ConfigGeneration.objects.get(pk=1).value
     _mirror_to_redis(value)
+
+
+def _first_value() -> int:
+    """A random start, not 1: processes reload only when the value *differs* from
+    theirs, so a row recreated after a restore or a flush of the table must not count
+    up through values they may still hold (with other contents behind them)."""
+    return secrets.randbelow(2**52) + 1
 
 
 def _mirror_to_redis(value: int) -> None:
