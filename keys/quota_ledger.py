@@ -4,6 +4,10 @@ Used when the limiter has lost a counter (Redis flushed or restarted, a new web
 process without Redis), so spend survives them. Counts admitted requests only:
 rows that reached an upstream (`provider` set); refusals before forwarding
 (auth, model, quota) spent nothing.
+
+Costs are summed exactly (`usage.rollups.money_sum`), then rounded up to micro-USD
+as the counters keep them: a float sum on SQLite could be a hair over the exact
+one and round up to one micro-USD too many.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from django.db.models.functions import TruncMinute, TruncSecond
 
 from keys.quotas import Counter, cost_micros
 from usage.models import UsageRow
+from usage.rollups import as_money, money_sum
 
 
 def _rows(counter: Counter) -> QuerySet[UsageRow]:
@@ -29,14 +34,14 @@ def _amount(metric: str) -> Count | Sum:
         return Count("id")
     if metric == "tokens":
         return Sum(F("prompt_tokens") + F("completion_tokens"))
-    return Sum("cost_usd")
+    return money_sum("cost_usd")
 
 
 def _to_int(metric: str, value: object) -> int:
     if value is None:
         return 0
     if metric == "cost_usd":
-        return cost_micros(value)  # type: ignore[arg-type]
+        return cost_micros(as_money(value))  # type: ignore[arg-type]
     return int(value)  # type: ignore[call-overload]
 
 

@@ -61,6 +61,11 @@ class Demand:
         return self.cost_micros or 0
 
 
+def epoch_ms(moment: datetime) -> int:
+    """Milliseconds since the epoch: the clock counters and reservations use."""
+    return int(moment.timestamp() * 1000)
+
+
 def cost_micros(cost: Decimal) -> int:
     """Micro-USD, rounded up: a counter may refuse a micro-dollar early, never late."""
     return int((cost * MICROS).to_integral_value(rounding=ROUND_CEILING))
@@ -160,6 +165,11 @@ class Reservation:
     # How long it holds its room unless renewed (reservation_ttl_ms).
     ttl_ms: int = 0
 
+    @property
+    def carries_budget(self) -> bool:
+        """Whether a cost quota checks it: such a request is never admitted blind."""
+        return any(c.quota.metric == "cost_usd" for c in self.counters)
+
 
 class QuotaRefused(Exception):
     """A counter has no room for the request."""
@@ -204,7 +214,7 @@ def reset_seconds(
     if counter.window_ms:
         if oldest_bucket_ms is None:
             return 0.0
-        now_ms = int(now.timestamp() * 1000)
+        now_ms = epoch_ms(now)
         return max(
             0.0,
             (oldest_bucket_ms + counter.window_ms + counter.bucket_ms - now_ms) / 1000,

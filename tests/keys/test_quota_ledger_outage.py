@@ -11,14 +11,12 @@ enforced by this process alone, from zero, with its share of each limit.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
 from django.db import OperationalError, ProgrammingError
 
-from keys import limiter as limiter_module
-from keys import quota_ledger
+from keys import ledger_rebuild, quota_ledger
 from keys.quotas import (
     Counter,
     Demand,
@@ -28,7 +26,7 @@ from keys.quotas import (
     counters_for,
 )
 from keys.selectors import KeyInfo
-from tests.support.redis_server import LimiterBackend, limiter_backend
+from tests.support.redis_server import LimiterBackend
 
 pytestmark = pytest.mark.django_db
 
@@ -54,15 +52,6 @@ class Ledger:
         return [self.spent.get(c.quota.metric, []) for c in counters]
 
 
-@pytest.fixture(params=["local", "redis"])
-async def backend(
-    request: pytest.FixtureRequest, settings, monkeypatch
-) -> AsyncIterator[LimiterBackend]:
-    backend = limiter_backend(request.param, request, settings, monkeypatch)
-    yield backend
-    await backend.close()
-
-
 @pytest.fixture
 def ledger(monkeypatch) -> Ledger:
     ledger = Ledger()
@@ -73,7 +62,7 @@ def ledger(monkeypatch) -> Ledger:
 @pytest.fixture
 def retry_at_once(monkeypatch) -> None:
     """Ask the ledger again on the next check instead of a second later."""
-    monkeypatch.setattr(limiter_module, "LEDGER_RETRY_S", 0.0)
+    monkeypatch.setattr(ledger_rebuild, "LEDGER_RETRY_S", 0.0)
 
 
 async def reserve(

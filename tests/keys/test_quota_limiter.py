@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -26,15 +25,6 @@ pytestmark = pytest.mark.django_db
 
 T0 = datetime(2026, 5, 12, 9, 30, tzinfo=UTC)
 LONG_TTL_MS = 3_600_000
-
-
-@pytest.fixture(params=["local", "redis"])
-async def backend(
-    request: pytest.FixtureRequest, settings, monkeypatch
-) -> AsyncIterator[LimiterBackend]:
-    backend = limiter_backend(request.param, request, settings, monkeypatch)
-    yield backend
-    await backend.close()
 
 
 async def reserve(

@@ -10,7 +10,6 @@ tests/relay/test_quota_redis_outage.py.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 
 from keys.quotas import Demand, QuotaRefused, counters_for
 from keys.selectors import KeyInfo
-from tests.support.redis_server import LimiterBackend, limiter_backend, unit_key
+from tests.support.redis_server import LimiterBackend, unit_key
 
 # The limiter calls the (stubbed) ledger through database_sync_to_async, whose thread
 # may hold a connection an earlier test left: database access must be allowed.
@@ -39,15 +38,6 @@ ZONES = [
     "Asia/Kathmandu",
     "Pacific/Chatham",
 ]
-
-
-@pytest.fixture(params=["local", "redis"])
-async def backend(
-    request: pytest.FixtureRequest, settings, monkeypatch
-) -> AsyncIterator[LimiterBackend]:
-    backend = limiter_backend(request.param, request, settings, monkeypatch)
-    yield backend
-    await backend.close()
 
 
 def at(text: str) -> datetime:

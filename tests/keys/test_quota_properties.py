@@ -23,7 +23,6 @@ reservations as pending.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -37,7 +36,7 @@ from hypothesis import strategies as st
 
 from keys.quotas import Counter, Demand, QuotaRefused, Reservation, counters_for
 from keys.selectors import KeyInfo
-from tests.support.redis_server import LimiterBackend, limiter_backend
+from tests.support.redis_server import LimiterBackend
 
 # The limiter calls the (stubbed) ledger through database_sync_to_async, whose thread
 # may hold a connection an earlier test left: database access must be allowed.
@@ -185,15 +184,6 @@ def operations(least: int) -> st.SearchStrategy[list[Operation]]:
         ),
         max_size=40,
     )
-
-
-@pytest.fixture(params=["local", "redis"])
-async def backend(
-    request: pytest.FixtureRequest, settings, monkeypatch
-) -> AsyncIterator[LimiterBackend]:
-    backend = limiter_backend(request.param, request, settings, monkeypatch)
-    yield backend
-    await backend.close()
 
 
 def make_key(

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from django.utils import timezone
 
-from keys import limiter as limiter_module
+from keys import reservation_renewal
 from keys.limiter import Limiter
 from keys.quotas import Demand, QuotaRefused, Reservation, counters_for
 from keys.selectors import KeyInfo
@@ -29,15 +29,6 @@ pytestmark = pytest.mark.django_db
 
 T0 = datetime(2026, 5, 12, 9, 30, tzinfo=UTC)
 ONE = Demand(requests=1)
-
-
-@pytest.fixture(params=["local", "redis"])
-async def backend(
-    request: pytest.FixtureRequest, settings, monkeypatch
-) -> AsyncIterator[LimiterBackend]:
-    backend = limiter_backend(request.param, request, settings, monkeypatch)
-    yield backend
-    await backend.close()
 
 
 @pytest.fixture(params=["local", "redis"])
@@ -212,7 +203,7 @@ async def test_thousands_in_flight_are_renewed_in_several_short_calls(
     backend, monkeypatch
 ):
     """A script blocks Redis while it runs: renewals go RENEW_CHUNK at a time."""
-    monkeypatch.setattr(limiter_module, "RENEW_CHUNK", 20)
+    monkeypatch.setattr(reservation_renewal, "RENEW_CHUNK", 20)
     key = backend.key([("requests", "total", 50)])
     held = [await reserve(backend.limiter, key, 1_000, T0) for _ in range(50)]
     calls: list[str] = []

@@ -61,7 +61,8 @@ def test_a_secret_that_matches_no_key_finds_nothing():
 
 
 def test_a_revoked_key_is_no_longer_usable(django_capture_on_commit_callbacks):
-    key, secret = factories.make_key()
+    with django_capture_on_commit_callbacks(execute=True):
+        key, secret = factories.make_key()  # the generation row exists from here
     before = read_config_generation()
 
     with django_capture_on_commit_callbacks(execute=True):
@@ -176,7 +177,10 @@ def test_a_budget_period_outside_day_month_total_is_refused():
 
 
 def test_set_key_limits_replaces_the_quotas(django_capture_on_commit_callbacks):
-    key, secret = factories.make_key(quotas=quota_specs(rpm=10, budget_usd=Decimal(5)))
+    with django_capture_on_commit_callbacks(execute=True):
+        key, secret = factories.make_key(
+            quotas=quota_specs(rpm=10, budget_usd=Decimal(5))
+        )
     generation = read_config_generation()
 
     with django_capture_on_commit_callbacks(execute=True):

@@ -84,9 +84,10 @@ def stack(
     }
     with django_db_blocker.unblock():
         gateway = start_gateway(tmp_path_factory.mktemp("outage-spool"), env=env)
-    yield Stack(redis_server, gateway)
+    stack = Stack(redis_server, gateway)
+    yield stack
     gateway.stop()
-    redis_server.stop()
+    stack.redis.stop()  # a test may have replaced the server it started with
 
 
 def chat(url: str, secret: str, model: str, max_tokens: int = 20) -> httpx.Response:
