@@ -15,18 +15,6 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 
 from keys.models import ApiKey, KeyEvent, Quota
 
-# The fields of a key that an event describes; the hashes are not among them.
-AUDITED_FIELDS = (
-    "name",
-    "owner",
-    "team",
-    "allowed_models",
-    "ip_allowlist",
-    "expires_at",
-    "log_bodies",
-    "allow_unpriced",
-)
-
 Actor = AbstractBaseUser | AnonymousUser | None
 
 

@@ -9,20 +9,11 @@ from typing import Any
 from django import forms
 from django.core.exceptions import ValidationError
 
-from keys.models import ApiKey
+from keys.models import KEY_SETTINGS, ApiKey
 from keys.services import MAX_GRACE_SECONDS
 
 # Fields an admin may set on a key; the same set `set_key_limits` accepts.
-KEY_FIELDS = [
-    "name",
-    "owner",
-    "team",
-    "allowed_models",
-    "ip_allowlist",
-    "expires_at",
-    "log_bodies",
-    "allow_unpriced",
-]
+KEY_FIELDS = list(KEY_SETTINGS)
 
 
 class NameListField(forms.CharField):

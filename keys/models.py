@@ -27,6 +27,20 @@ class Team(models.Model):
         return self.name
 
 
+# A key's settings: what an admin may set (admin form, REST, services) and what
+# its audit events record; never its hashes.
+KEY_SETTINGS = (
+    "name",
+    "owner",
+    "team",
+    "allowed_models",
+    "ip_allowlist",
+    "expires_at",
+    "log_bodies",
+    "allow_unpriced",
+)
+
+
 class ApiKey(models.Model):
     """An app's credential. Its id is stable: rotation changes the secret, not the key."""
 

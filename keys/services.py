@@ -22,7 +22,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from keys.audit import Actor, changes, key_state, record_event
-from keys.models import ApiKey, KeyEvent, Quota, Team
+from keys.models import KEY_SETTINGS, ApiKey, KeyEvent, Quota, Team
 from keys.secrets import hash_secret, make_secret
 from relay.generation import bump_config_generation
 
@@ -33,18 +33,7 @@ logger = logging.getLogger(__name__)
 MAX_GRACE_SECONDS = 7 * 24 * 3600
 
 # The fields `set_key_limits` may change.
-EDITABLE_FIELDS = frozenset(
-    {
-        "name",
-        "owner",
-        "team",
-        "allowed_models",
-        "ip_allowlist",
-        "expires_at",
-        "log_bodies",
-        "allow_unpriced",
-    }
-)
+EDITABLE_FIELDS = frozenset(KEY_SETTINGS)
 
 # Quota limits are stored with 20 digits, 10 of them after the point.
 QUOTA_LIMIT_CEILING = Decimal(10) ** 10

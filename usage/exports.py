@@ -21,7 +21,7 @@ import orjson
 from asgiref.sync import sync_to_async
 from django.http import StreamingHttpResponse
 
-from usage.models import UsageRow
+from usage.models import ROLLUP_MEASURES, UsageRow
 from usage.rollups import billing_day, day_bounds
 from usage.selectors import ReportLine
 
@@ -76,15 +76,7 @@ PAGE_COLUMNS = {
     "team": ("team",),
     "key": ("key", "key_name"),
 }
-PAGE_TOTAL_COLUMNS = (
-    "requests",
-    "errors",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "cost_usd",
-    "unpriced_requests",
-)
+PAGE_TOTAL_COLUMNS = ROLLUP_MEASURES
 
 # FOCUS 1.0 columns (https://focus.finops.org), then the gateway's own (x_).
 FOCUS_COLUMNS = (

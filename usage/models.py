@@ -127,6 +127,18 @@ class UsageRow(models.Model):
         )
 
 
+# What a rollup line measures: the columns reconcile checks and report totals sum.
+ROLLUP_MEASURES = (
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost_usd",
+    "unpriced_requests",
+)
+
+
 class DailyRollup(models.Model):
     """Totals of one billing day × key × team × model, recomputed from the rows."""
 

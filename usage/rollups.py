@@ -26,7 +26,7 @@ from django.db.models import BigIntegerField, Count, Func, Q, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from usage.models import DailyRollup, UsageRow
+from usage.models import ROLLUP_MEASURES, DailyRollup, UsageRow
 from usage.pricing import COST_QUANTUM
 
 logger = logging.getLogger(__name__)
@@ -243,15 +243,7 @@ def refresh_live_days(first: date | None, last: date | None) -> list[date]:
 
 # --- reconciliation ------------------------------------------------------------------------
 
-RECONCILED_FIELDS = (
-    "requests",
-    "errors",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "cost_usd",
-    "unpriced_requests",
-)
+RECONCILED_FIELDS = ROLLUP_MEASURES
 LineKey = tuple[date, int, int | None, str]
 
 
